@@ -1,0 +1,1 @@
+"""WebDataset pipeline for magitrain (imported as ``magitrain.data_pipeline``)."""

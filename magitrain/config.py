@@ -1,0 +1,308 @@
+"""Typed configuration: dataclasses, YAML files and ``key.sub=value`` overrides.
+
+The schema is the set of dataclasses below; OmegaConf checks every YAML key and override
+against it (unknown key, wrong type), then :func:`validate` checks combinations (heads that
+do not divide, chunks that do not divide frames, a layout that does not match the world
+size). :func:`load_config` is the one entry point; a bad config raises :class:`ConfigError`,
+which the CLIs turn into a one-line message and exit code 2.
+
+Public contract (other tools rely on these names): ``run.dir``, ``train.steps``,
+``train.seed``, ``parallel.dp``, ``parallel.cp``, ``parallel.tp``, ``data.source``,
+``data.shards``, ``ckpt.every``, ``ckpt.resume``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message naming the key and what is allowed."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # output folder: config, metrics.jsonl, TensorBoard, checkpoints
+
+
+@dataclass
+class ModelConfig:
+    """The DiT. Field names follow MAGI-1's ``model_config`` where they mean the same."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_heads: int = 2  # MAGI-1: num_attention_heads
+    num_kv_heads: int = 1  # MAGI-1: num_query_groups (grouped-query attention)
+    head_dim: int = 32  # MAGI-1: kv_channels
+    ffn_hidden_size: int = 128
+    gated_linear_unit: bool = False  # False: GELU MLP (4.5B); True: SwiGLU (24B)
+    in_channels: int = 4  # latent channels the DiT reads
+    out_channels: int = 4
+    half_channel_vae: bool = False  # 24B: the latent is concatenated with itself on input
+    patch_size: int = 2
+    t_patch_size: int = 1
+    cond_hidden_ratio: float = 0.25  # condition width = ratio * hidden_size
+    caption_channels: int = 32  # text-embedding width (T5-XXL: 4096)
+    caption_max_length: int = 8  # caption tokens per chunk (MAGI-1: 800)
+    null_caption_tokens: int = 50  # valid tokens of the null caption (MAGI-1's pipeline: 50)
+    xattn_cond_hidden_ratio: float = 1.0
+    cond_gating_ratio: float = 1.0
+    x_rescale_factor: float = 1.0
+    layernorm_eps: float = 1e-6
+    gate_softcap: float = 1.0
+    rope_ref_grid: int = 16  # RoPE rescales (rows, cols) to a grid of this side
+    chunk_frames: int = 2  # latent frames per chunk (MAGI-1: 6)
+    step_size_conditioning: bool = False  # shortcut-distilled models embed the step size too
+    init_std: float = 0.02
+
+
+@dataclass
+class DiffusionConfig:
+    """Flow matching, MAGI-1 convention: t in [0, 1], t=0 pure noise, t=1 clean."""
+
+    t_sampler: str = "logit_normal"  # logit_normal | uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0  # SD3 resolution shift of training t (MAGI-1 inference uses 3)
+    monotone: str = "sorted"  # how per-chunk t is made non-increasing with chunk index: sorted | window
+    window_spread: float = 0.25  # 'window': chunk i gets t_0 - i * spread * U(0,1) (clamped)
+    clean_prefix_prob: float = 0.2  # probability a video sample holds its first chunks clean
+    max_clean_prefix_chunks: int = 1
+    caption_dropout: float = 0.1
+    history_dropout: float = 0.1  # a sample whose chunks see only themselves (3-pass CFG)
+    clean_t: float = 1.0
+
+
+@dataclass
+class CurriculumStage:
+    """One stage of the data curriculum; the trainer switches stage after ``until_step``."""
+
+    name: str = "stage"
+    until_step: int = 0
+    seq_tokens: int = 0  # 0: keep data.seq_tokens
+    shards: str = ""  # '' : keep data.shards
+    buckets: list = field(default_factory=list)  # [[frames, height, width, weight], ...] (latent sizes)
+    image_ratio: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | webdataset
+    shards: str = ""  # brace-expandable path/URL list for webdataset
+    seq_tokens: int = 256  # tokens per packed sequence
+    batch_size: int = 2  # packed sequences per optimizer step (global, over all dp ranks)
+    num_workers: int = 0
+    shuffle_buffer: int = 64
+    max_bad_fraction: float = 0.05
+    # synthetic source: latent videos of these sizes (latent frames, height, width)
+    frames: int = 4
+    height: int = 8
+    width: int = 8
+    samples_per_seq: int = 2
+    curriculum: list = field(default_factory=list)  # list of CurriculumStage dicts
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 1
+    cp: int = 1
+    tp: int = 1
+    dp_engine: str = "fsdp2"  # fsdp2 | deepspeed | ddp
+    zero_stage: int = 3  # deepspeed only
+    cpu_offload: bool = False  # deepspeed only
+    cp_chunk_size: int = 16  # tokens per dispatch chunk
+    cp_solver: str = "default"
+    overlap_stages: int = 1
+    activation_checkpointing: str = "none"  # none | full | every_k
+    ac_every: int = 2
+    timeout_s: float = 120.0
+    backend: str = "auto"  # auto | gloo | nccl
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99  # 0 disables EMA
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    seed: int = 0
+    grad_accum: int = 1
+    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+
+
+@dataclass
+class CkptConfig:
+    every: int = 0  # 0: only at the end and on SIGTERM
+    resume: str = ""  # '' (fresh run) | auto | path to a checkpoint folder
+    keep_last: int = 3
+    init_from: str = ""  # start a new run from these weights
+    async_save: bool = False
+
+
+@dataclass
+class LogConfig:
+    every: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _choice(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key}={value} must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Check combinations the type system cannot; raise :class:`ConfigError` naming the key."""
+    m, d, p = cfg.model, cfg.data, cfg.parallel
+    for key in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
+                "in_channels", "out_channels", "patch_size", "t_patch_size", "caption_channels",
+                "caption_max_length", "chunk_frames"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.num_heads={m.num_heads} must divide model.hidden_size={m.hidden_size}")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
+    if m.head_dim % 8:
+        raise ConfigError(f"model.head_dim={m.head_dim} must be a multiple of 8 (3D RoPE uses head_dim/8 bands per axis)")
+    if m.hidden_size % 8:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} must be a multiple of 8")
+    _choice("diffusion.t_sampler", cfg.diffusion.t_sampler, ("logit_normal", "uniform"))
+    _choice("diffusion.monotone", cfg.diffusion.monotone, ("sorted", "window"))
+    _positive("diffusion.shift", cfg.diffusion.shift)
+    for key in ("caption_dropout", "history_dropout", "clean_prefix_prob"):
+        v = getattr(cfg.diffusion, key)
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"diffusion.{key}={v} must be in [0, 1]")
+    _choice("data.source", d.source, ("synthetic", "webdataset"))
+    if d.source == "webdataset" and not d.shards and not d.curriculum:
+        raise ConfigError("data.source=webdataset needs data.shards (a brace-expandable path or URL list)")
+    if d.source == "synthetic":
+        if d.frames % (m.chunk_frames * m.t_patch_size):
+            raise ConfigError(f"model.chunk_frames={m.chunk_frames} must divide the synthetic video's "
+                              f"data.frames={d.frames} (in latent frames after t_patch_size={m.t_patch_size})")
+        if d.height % m.patch_size or d.width % m.patch_size:
+            raise ConfigError(f"model.patch_size={m.patch_size} must divide data.height={d.height} and data.width={d.width}")
+        tokens = d.frames // m.t_patch_size * (d.height // m.patch_size) * (d.width // m.patch_size)
+        if tokens * d.samples_per_seq > d.seq_tokens:
+            raise ConfigError(f"data.seq_tokens={d.seq_tokens} cannot hold data.samples_per_seq={d.samples_per_seq} "
+                              f"samples of {tokens} tokens")
+    _positive("data.seq_tokens", d.seq_tokens)
+    _positive("data.batch_size", d.batch_size)
+    if not 0.0 <= d.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
+    for key in ("dp", "cp", "tp"):
+        _positive(f"parallel.{key}", getattr(p, key))
+    _choice("parallel.dp_engine", p.dp_engine, ("fsdp2", "deepspeed", "ddp"))
+    _choice("parallel.activation_checkpointing", p.activation_checkpointing, ("none", "full", "every_k"))
+    _choice("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
+    _positive("parallel.cp_chunk_size", p.cp_chunk_size)
+    _positive("parallel.overlap_stages", p.overlap_stages)
+    _positive("parallel.timeout_s", p.timeout_s)
+    if m.num_heads % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} must divide model.num_heads={m.num_heads}")
+    if m.num_kv_heads % p.tp and p.tp % m.num_kv_heads:
+        raise ConfigError(f"parallel.tp={p.tp} and model.num_kv_heads={m.num_kv_heads}: one must divide the other "
+                          "(KV heads are split by tp, or replicated when tp exceeds them)")
+    if m.ffn_hidden_size % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} must divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    if d.batch_size % p.dp:
+        raise ConfigError(f"parallel.dp={p.dp} must divide the global batch data.batch_size={d.batch_size}")
+    if world_size is not None and p.dp * p.cp * p.tp != world_size:
+        raise ConfigError(f"parallel.dp x parallel.cp x parallel.tp = {p.dp} x {p.cp} x {p.tp} = "
+                          f"{p.dp * p.cp * p.tp}, but the job has {world_size} processes")
+    if p.cp > 1 and d.seq_tokens < p.cp * p.cp_chunk_size:
+        raise ConfigError(f"data.seq_tokens={d.seq_tokens} is shorter than parallel.cp={p.cp} chunks of "
+                          f"parallel.cp_chunk_size={p.cp_chunk_size}")
+    _positive("train.steps", cfg.train.steps, zero_ok=True)
+    _positive("train.grad_accum", cfg.train.grad_accum)
+    _choice("train.dtype", cfg.train.dtype, ("fp32", "bf16"))
+    _positive("ckpt.every", cfg.ckpt.every, zero_ok=True)
+    _positive("ckpt.keep_last", cfg.ckpt.keep_last)
+    if not 0.0 <= cfg.optim.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay={cfg.optim.ema_decay} must be in [0, 1)")
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None,
+                world_size: int | None = None) -> Config:
+    """Schema defaults <- YAML file <- dotlist overrides, then :func:`validate`."""
+    try:
+        schema = OmegaConf.structured(Config)
+        layers = [schema]
+        if path:
+            if not os.path.exists(path):
+                raise ConfigError(f"config file not found: {path}")
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key.sub=value, got: {' '.join(bad)}")
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_message(e)) from None
+    validate(cfg, world_size)
+    return cfg
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    if "Key '" in msg and "not in" in msg or type(e).__name__ == "ConfigKeyError":
+        return f"unknown config key '{key}'" + (f" ({msg})" if key is None else "")
+    if type(e).__name__ == "ValidationError":
+        return f"wrong type for config key '{key}': {msg}"
+    return f"config error at '{key}': {msg}" if key else f"config error: {msg}"
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(to_yaml(cfg))
+    os.replace(tmp, path)
+
+
+def config_from_yaml_text(text: str) -> Config:
+    """Rebuild a config saved by :func:`save_config` (e.g. from a checkpoint)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_message(e)) from None

@@ -1,0 +1,1 @@
+"""Parallelism for magitrain (imported as ``magitrain.parallel``)."""
