@@ -7,6 +7,7 @@ PACKAGE_DIR = {
     "magitrain.parallel": "parallel",
     "magitrain.data_pipeline": "data_pipeline",
     "magitrain.launch": "launch",
+    "magitrain.configs": "configs",
 }
 
 setup(
@@ -18,7 +19,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIR),
     package_dir=PACKAGE_DIR,
-    package_data={"magitrain.launch": ["*.sh", "k8s/*.yaml"]},
+    package_data={"magitrain.launch": ["*.sh", "k8s/*.yaml"], "magitrain.configs": ["*.yaml"]},
     install_requires=[
         "torch>=2.6,<2.15",
         "numpy>=1.24",

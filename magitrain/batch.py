@@ -26,6 +26,9 @@ class Batch:
       chunk order (every chunk of a sample usually carries the sample's caption).
     - ``text_mask``: ``[num_chunks, L]`` bool, True on valid caption tokens.
     - ``captions``: the caption strings per sample, when known (for logging).
+    - ``sample_ids``: per sample, an id unique within the global batch of the step (e.g. the
+      sample's index in the global batch). Diffusion noise is seeded by it, so a sample gets
+      the same noise whichever rank holds it. Defaults to ``0..num_samples-1``.
     """
 
     latents: torch.Tensor
@@ -33,8 +36,13 @@ class Batch:
     text_emb: torch.Tensor
     text_mask: torch.Tensor
     captions: list[str] = field(default_factory=list)
+    sample_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self):
+        if not self.sample_ids:
+            self.sample_ids = list(range(len(self.layout.samples)))
+        if len(self.sample_ids) != len(self.layout.samples):
+            raise ValueError(f"{len(self.sample_ids)} sample ids for {len(self.layout.samples)} samples")
         n, nc = self.layout.total_tokens, self.layout.num_chunks
         if self.latents.shape[0] != n:
             raise ValueError(f"latents hold {self.latents.shape[0]} tokens, the layout {n}")
@@ -48,7 +56,7 @@ class Batch:
 
     def to(self, device) -> "Batch":
         return Batch(self.latents.to(device), self.layout, self.text_emb.to(device),
-                     self.text_mask.to(device), self.captions)
+                     self.text_mask.to(device), self.captions, self.sample_ids)
 
     @staticmethod
     def concat(batches: list["Batch"]) -> "Batch":
@@ -71,7 +79,7 @@ def _concat_with_inner_padding(batches: list[Batch]) -> Batch:
     layout = PackedLayout.pack(grids, total, offsets)
     return Batch(torch.cat(data_parts + pad_parts), layout,
                  torch.cat([b.text_emb for b in batches]), torch.cat([b.text_mask for b in batches]),
-                 [c for b in batches for c in b.captions])
+                 [c for b in batches for c in b.captions], [i for b in batches for i in b.sample_ids])
 
 
 class DataSource(Protocol):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -83,11 +83,11 @@ class CurriculumStage:
     """One stage of the data curriculum; the trainer switches stage after ``until_step``."""
 
     name: str = "stage"
-    until_step: int = 0
+    until_step: int = 0  # the stage serves steps < until_step; 0 on the last stage: no end
     seq_tokens: int = 0  # 0: keep data.seq_tokens
     shards: str = ""  # '' : keep data.shards
-    buckets: list = field(default_factory=list)  # [[frames, height, width, weight], ...] (latent sizes)
-    image_ratio: float = 0.0
+    buckets: list = field(default_factory=list)  # [[frames, height, width, weight], ...] (latent sizes); []: data.buckets
+    image_ratio: float = -1.0  # share of videos used as one-frame images; < 0: keep data.image_ratio
 
 
 @dataclass
@@ -95,7 +95,7 @@ class DataConfig:
     source: str = "synthetic"  # synthetic | webdataset
     shards: str = ""  # brace-expandable path/URL list for webdataset
     seq_tokens: int = 256  # tokens per packed sequence
-    batch_size: int = 2  # packed sequences per optimizer step (global, over all dp ranks)
+    batch_size: int = 2  # packed sequences per optimizer step (global: over all dp ranks and micro-batches)
     num_workers: int = 0
     shuffle_buffer: int = 64
     max_bad_fraction: float = 0.05
@@ -104,7 +104,18 @@ class DataConfig:
     height: int = 8
     width: int = 8
     samples_per_seq: int = 2
-    curriculum: list = field(default_factory=list)  # list of CurriculumStage dicts
+    curriculum: List[CurriculumStage] = field(default_factory=list)  # empty: one stage from the keys above
+    # webdataset source (see data_pipeline/): bucket shapes in latent units (frames, height, width, weight);
+    # [] keeps each sample's own size (cropped to whole chunks and patches)
+    buckets: list = field(default_factory=list)
+    image_ratio: float = 0.0  # probability a video sample is used as a one-frame image
+    manifest: str = ""  # '' : manifest.json next to local shards, when present (expected sample counts)
+    latent_encoder: str = "patch"  # for raw-media shards: patch | module.path:factory (factory(channels, weights))
+    latent_encoder_weights: str = ""  # local weights file handed to a custom latent encoder factory
+    text_encoder: str = "hash"  # captions without text_emb.npy: hash | module.path:factory (factory(dim, max_len, weights))
+    text_encoder_weights: str = ""
+    pack_bins: int = 4  # open bins of the streaming first-fit packer (more: less padding, more latency)
+    bad_check_after: int = 20  # data.max_bad_fraction is enforced once this many samples were read
 
 
 @dataclass
@@ -238,8 +249,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                           "(KV heads are split by tp, or replicated when tp exceeds them)")
     if m.ffn_hidden_size % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} must divide model.ffn_hidden_size={m.ffn_hidden_size}")
-    if d.batch_size % p.dp:
-        raise ConfigError(f"parallel.dp={p.dp} must divide the global batch data.batch_size={d.batch_size}")
+    _positive("train.grad_accum", cfg.train.grad_accum)
+    if d.batch_size % (p.dp * cfg.train.grad_accum):
+        raise ConfigError(f"data.batch_size={d.batch_size} (sequences per step, global) must be a multiple of "
+                          f"parallel.dp x train.grad_accum = {p.dp} x {cfg.train.grad_accum}")
     if world_size is not None and p.dp * p.cp * p.tp != world_size:
         raise ConfigError(f"parallel.dp x parallel.cp x parallel.tp = {p.dp} x {p.cp} x {p.tp} = "
                           f"{p.dp * p.cp * p.tp}, but the job has {world_size} processes")
@@ -247,7 +260,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"data.seq_tokens={d.seq_tokens} is shorter than parallel.cp={p.cp} chunks of "
                           f"parallel.cp_chunk_size={p.cp_chunk_size}")
     _positive("train.steps", cfg.train.steps, zero_ok=True)
-    _positive("train.grad_accum", cfg.train.grad_accum)
     _choice("train.dtype", cfg.train.dtype, ("fp32", "bf16"))
     _positive("ckpt.every", cfg.ckpt.every, zero_ok=True)
     _positive("ckpt.keep_last", cfg.ckpt.keep_last)

@@ -1,0 +1,71 @@
+"""Run logging: ``metrics.jsonl`` (one JSON object per step), TensorBoard, a progress bar.
+
+``metrics.jsonl`` fields are a public contract: every line has at least ``step``, ``loss``,
+``grad_norm``, ``lr`` and ``tokens_per_s``; further keys are added, never renamed.
+Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from tqdm import tqdm
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, total_steps: int, start_step: int = 0, enabled: bool = True,
+                 tensorboard: bool = True, progress: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._truncate_after(start_step)
+        self.file = open(self.path, "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1)
+        if progress:
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _truncate_after(self, start_step: int) -> None:
+        """On resume, drop lines of steps after the checkpoint (they will be redone)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        with open(self.path, "w") as f:
+            f.writelines(keep)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        self.file.flush()
+        step = record["step"]
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and v is not None and math.isfinite(v):
+                    self.writer.add_scalar(f"train/{k}", v, step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()

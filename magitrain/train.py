@@ -1,0 +1,226 @@
+"""The training loop: ``python -m magitrain.train --config configs/tiny.yaml key.sub=value ...``.
+
+Short on purpose (torchtitan style): build the model, hand it to ``parallelize_model`` for
+whatever layout the config asks, then loop: fetch micro-batches, noise them per chunk,
+forward, masked flow-matching loss, backward, clip, step, EMA, log, checkpoint. Nothing in the
+loop changes with the parallel layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from magitrain.checkpoint import Checkpointer, CheckpointError
+from magitrain.config import Config, ConfigError, load_config, save_config, to_yaml
+from magitrain.data import build_data_source
+from magitrain.diffusion import masked_sq_error, noise_batch
+from magitrain.ema import EMA
+from magitrain.metrics import MetricsLogger
+from magitrain.model import MagiDiT
+from magitrain.parallel.mesh import ParallelEnv, init_parallel
+from magitrain.parallel.parallelize import parallelize_model
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint carries besides model/optimizer/EMA/data."""
+
+    step: int = 0  # optimizer steps completed
+    bad_steps_in_row: int = 0
+    bad_steps_total: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, int(v))
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM's warning) ask for a checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, env: ParallelEnv) -> bool:
+        """True on every rank if any rank was signalled (so all save the same step)."""
+        if not env.distributed:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms, biases, RoPE bands)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Linear warmup to ``optim.lr``, then cosine down to ``min_lr_ratio * lr``."""
+    o, total = cfg.optim, cfg.train.steps
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def all_reduce_sum(value: float, env: ParallelEnv, group=None) -> float:
+    if not env.distributed:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, group=group)
+    return float(t.item())
+
+
+def train_step(model, micro_batches, cfg: Config, env: ParallelEnv, step: int, optimizer) -> dict:
+    """One optimizer step over this rank's micro-batches; returns the step's figures.
+
+    The loss is the mean squared velocity error over every loss token of the *global* batch
+    (all ranks, all micro-batches), so it does not depend on how the batch is split.
+    """
+    noised = [noise_batch(b, cfg.diffusion, cfg.train.seed, step) for b in micro_batches]
+    local_count = sum(int(n.loss_mask.sum()) * n.target[0].numel() for n in noised)
+    global_count = max(1.0, all_reduce_sum(local_count, env, env.group("dp")))
+    autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16)
+                if cfg.train.dtype == "bf16" else nullcontext())
+    loss_sum = 0.0
+    for batch, nb in zip(micro_batches, noised):
+        batch = batch.to(env.device)
+        with autocast:
+            pred = model(nb.x_t.to(env.device), nb.t.to(env.device), batch.text_emb, batch.text_mask, batch.layout,
+                         text_null=nb.text_null.to(env.device), drop_history=nb.drop_history.to(env.device))
+        sq, _ = masked_sq_error(pred, nb.target.to(env.device), nb.loss_mask.to(env.device))
+        loss = sq / global_count
+        loss.backward()
+        loss_sum += float(loss.detach())
+    loss_value = all_reduce_sum(loss_sum, env, env.group("dp"))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+    finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = all_reduce_sum(sum(b.num_tokens for b in micro_batches), env, env.group("dp"))
+    return {"loss": loss_value, "grad_norm": grad_norm, "finite": finite, "tokens": int(tokens)}
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training as configured; returns the last logged record."""
+    env = init_parallel(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = MagiDiT(cfg.model).to(env.device)
+    model = parallelize_model(model, env, cfg)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    ema = EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    data = build_data_source(cfg, env.dp_rank, env.dp)
+    state = TrainState()
+    ckpt = Checkpointer(cfg.run.dir, cfg.ckpt.keep_last)
+
+    def stateful() -> dict:
+        return {"model": model, "optim": optimizer, "sched": scheduler, "trainer": state, "data": data,
+                **({"ema": ema} if ema is not None else {})}
+
+    resume_path = ckpt.resolve(cfg.ckpt.resume)
+    if resume_path:
+        saved = Checkpointer.load(resume_path, map_location=env.device)
+        for name, obj in stateful().items():
+            if name not in saved:
+                raise CheckpointError(f"{resume_path}: checkpoint has no '{name}' state")
+            obj.load_state_dict(saved[name])
+        torch.set_rng_state(saved["rng"]["torch"].cpu())
+
+    if env.is_main:
+        save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+    logger = MetricsLogger(cfg.run.dir, cfg.train.steps, state.step, enabled=env.is_main,
+                           tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+    if resume_path:
+        logger.message(f"resumed from {resume_path} at step {state.step}")
+    stop = StopRequest()
+
+    def save() -> str:
+        blob = {name: obj.state_dict() for name, obj in stateful().items()}
+        blob["rng"] = {"torch": torch.get_rng_state()}
+        return ckpt.save(state.step, blob, to_yaml(cfg))
+
+    record: dict = {}
+    last_saved = state.step if resume_path else -1
+    while state.step < cfg.train.steps:
+        t0 = time.perf_counter()
+        micro = [data.next_batch() for _ in range(cfg.train.grad_accum)]
+        out = train_step(model, micro, cfg, env, state.step, optimizer)
+        if out["finite"]:
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            state.bad_steps_in_row = 0
+        else:
+            state.bad_steps_in_row += 1
+            state.bad_steps_total += 1
+            logger.message(f"step {state.step + 1}: non-finite loss/grad ({out['loss']}, {out['grad_norm']}), skipped")
+            if state.bad_steps_in_row > cfg.train.max_bad_steps:
+                raise TrainingError(f"{state.bad_steps_in_row} non-finite steps in a row (train.max_bad_steps="
+                                    f"{cfg.train.max_bad_steps}); stopping. Lower optim.lr or check the data.")
+        state.step += 1
+        state.tokens_seen += out["tokens"]
+        dt = time.perf_counter() - t0
+        record = {"step": state.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
+                  "lr": scheduler.get_last_lr()[0], "tokens_per_s": out["tokens"] / dt, "step_time_s": dt,
+                  "tokens_seen": state.tokens_seen, "bad_steps": state.bad_steps_total, **data.stats()}
+        if state.step % cfg.log.every == 0 or state.step == cfg.train.steps:
+            logger.log(record)
+        stopping = stop.agreed(env)
+        if (cfg.ckpt.every and state.step % cfg.ckpt.every == 0) or stopping or state.step == cfg.train.steps:
+            path = save()
+            last_saved = state.step
+            logger.message(f"checkpoint: {path}")
+        if stopping:
+            logger.message(f"stop requested: saved step {state.step}, exiting")
+            break
+    if last_saved != state.step and state.step > 0:
+        save()
+    logger.close()
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m magitrain.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config file, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides (OmegaConf dotlist)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        train(cfg)
+    except (ConfigError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
