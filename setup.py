@@ -30,6 +30,7 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.14",
         "av>=12",
+        "pillow>=9",
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
