@@ -12,17 +12,35 @@ Two figures judge an assignment:
 - **remote KV**: per rank, the number of key/value tokens its queries need that another rank
   holds. That is what context parallelism must move.
 
-This module knows nothing about torch.distributed; ``python -m magitrain.parallel.dispatch``
-prints a plan as JSON.
+Solvers (all deterministic: every rank computes the same plan from the same mask):
+
+- ``contiguous``: rank ``r`` holds chunks ``[r*k, (r+1)*k)``. Least remote KV on most masks,
+  poor balance on causal ones.
+- ``zigzag``: the ring-attention layout; the chunks are cut into ``2*cp`` parts and rank ``r``
+  holds parts ``r`` and ``2*cp-1-r``. Perfect balance on one causal sequence.
+- ``area_greedy``: MagiAttention's default; chunks by descending area, each to the least
+  loaded rank with room. Near-perfect balance, no locality at all.
+- ``locality`` (what ``default`` maps to): balance first, then the least remote KV. See
+  :func:`_locality`.
+
+``python -m magitrain.parallel.dispatch --mask MASK.json --cp N --chunk-size C`` prints a plan
+and its figures as one JSON object. This module knows nothing about torch.distributed.
 """
 
 from __future__ import annotations
 
+import argparse
+import heapq
+import inspect
+import json
+import sys
+import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .mask import AttnRange, AttnSlices
+from .mask import AttnRange, AttnSlice, AttnSlices, MaskType, _check_int
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,10 @@ class DispatchPlan:
                 "total_seqlen": self.total_seqlen, "ranks": [list(r) for r in self.ranks]}
 
 
+# ----------------------------------------------------------------------------------------
+# Token-range helpers and the exact per-row geometry of a slice
+# ----------------------------------------------------------------------------------------
+
 def merge_ranges(ranges) -> list[AttnRange]:
     """Sort ranges and merge those that touch or overlap."""
     out: list[AttnRange] = []
@@ -95,11 +117,47 @@ def subtract_ranges(ranges: list[AttnRange], holes: list[AttnRange]) -> list[Att
     return out
 
 
+def _arith_sum(first: int, last: int, n: int) -> int:
+    return n * (first + last) // 2
+
+
+def rows_area_and_keys(s: AttnSlice, a: int, b: int) -> tuple[int, int, int]:
+    """Area of slice-local rows ``[a, b)`` of ``s`` and the keys they see, in closed form.
+
+    Returns ``(area, k_lo, k_hi)``: ``k_lo, k_hi`` are slice-local and bound the union of the
+    rows' key intervals exactly (``k_hi <= k_lo`` when the rows see nothing). Per row ``i``
+    (see :mod:`magitrain.parallel.mask`), with ``d = Lk - Lq``: CAUSAL rows see
+    ``[0, i + d + 1)``, INV_CAUSAL rows ``[i, Lk)``, BI_CAUSAL rows ``[i, i + d + 1)``.
+    """
+    lq, lk = s.q_range.size, s.k_range.size
+    if not 0 <= a <= b <= lq:
+        raise ValueError(f"rows [{a}, {b}) are outside {s!r}")
+    d = lk - lq
+    t = s.mask_type
+    if b == a or lk == 0:
+        return 0, 0, 0
+    if t is MaskType.FULL:
+        return (b - a) * lk, 0, lk
+    if t is MaskType.CAUSAL:  # row i sees max(0, i + d + 1) keys (never more than lk as i < lq)
+        first = max(a, -d)
+        if first >= b:
+            return 0, 0, 0
+        return _arith_sum(first + d + 1, b + d, b - first), 0, b + d
+    if t is MaskType.INV_CAUSAL:  # row i sees max(0, lk - i) keys
+        last = min(b, lk)
+        if last <= a:
+            return 0, 0, 0
+        return _arith_sum(lk - a, lk - last + 1, last - a), a, lk
+    if d < 0:  # BI_CAUSAL narrower than tall: every row is empty
+        return 0, 0, 0
+    return (b - a) * (d + 1), a, b + d
+
+
 def needed_kv_ranges(slices: AttnSlices, q_ranges: list[AttnRange]) -> list[AttnRange]:
     """Key ranges that queries in ``q_ranges`` may attend to under ``slices`` (merged).
 
     Exact per slice type: a causal slice's rows see only a prefix of its k range, an
-    inv-causal slice's rows only a suffix.
+    inv-causal slice's rows only a suffix, a bi-causal slice's rows a band.
     """
     needed = []
     for s in slices:
@@ -107,10 +165,7 @@ def needed_kv_ranges(slices: AttnSlices, q_ranges: list[AttnRange]) -> list[Attn
             part = s.q_range.intersect(q)
             if part.is_empty():
                 continue
-            rows = torch.tensor([part.start - s.q_range.start, part.end - 1 - s.q_range.start])
-            lo, hi = s.row_bounds(rows)
-            # bounds are monotone in the row index, so the first and last row bound the union
-            k_lo, k_hi = int(lo[0]), int(hi[1])
+            _, k_lo, k_hi = rows_area_and_keys(s, part.start - s.q_range.start, part.end - s.q_range.start)
             if k_hi > k_lo:
                 needed.append(AttnRange(s.k_range.start + k_lo, s.k_range.start + k_hi))
     return merge_ranges(needed)
@@ -122,36 +177,471 @@ def remote_kv_ranges(plan: DispatchPlan, slices: AttnSlices, rank: int) -> list[
     return subtract_ranges(needed_kv_ranges(slices, local), local)
 
 
-def _contiguous(chunk_areas: list[int], cp: int, slices: AttnSlices, chunk_size: int) -> list[list[int]]:
-    per_rank = len(chunk_areas) // cp
-    return [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(cp)]
-
-
-SOLVERS = {"contiguous": _contiguous}
+def _chunk_pieces(slices: AttnSlices, chunk_size: int, num_chunks: int):
+    """Per chunk: its attention area and the global key intervals its rows need."""
+    areas = [0] * num_chunks
+    keys: list[list[tuple[int, int]]] = [[] for _ in range(num_chunks)]
+    for s in slices:
+        q0, q1 = s.q_range.start, s.q_range.end
+        for c in range(q0 // chunk_size, min(num_chunks, -(-q1 // chunk_size))):
+            a, b = max(q0, c * chunk_size) - q0, min(q1, (c + 1) * chunk_size) - q0
+            area, k_lo, k_hi = rows_area_and_keys(s, a, b)
+            areas[c] += area
+            if k_hi > k_lo:
+                keys[c].append((s.k_range.start + k_lo, s.k_range.start + k_hi))
+    return areas, keys
 
 
 def chunk_areas(slices: AttnSlices, chunk_size: int, num_chunks: int) -> list[int]:
     """Attention area of the query rows of every chunk."""
-    areas = [0] * num_chunks
-    for s in slices:
-        for c in range(s.q_range.start // chunk_size, min(num_chunks, -(-s.q_range.end // chunk_size))):
-            part = s.q_range.intersect(AttnRange(c * chunk_size, (c + 1) * chunk_size))
-            if part.is_empty():
-                continue
-            rows = torch.arange(part.start - s.q_range.start, part.end - s.q_range.start)
-            lo, hi = s.row_bounds(rows)
-            areas[c] += int((hi - lo).clamp(min=0).sum())
-    return areas
+    return _chunk_pieces(slices, chunk_size, num_chunks)[0]
 
 
-def solve(slices: AttnSlices, cp: int, chunk_size: int, solver: str = "contiguous") -> DispatchPlan:
-    """Pad, cut into chunks and assign them to ``cp`` ranks with the named solver."""
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown dispatch solver {solver!r}; available: {', '.join(sorted(SOLVERS))}")
-    if slices.total_q != slices.total_k:
-        raise ValueError("dispatch is for self-attention masks (total_q == total_k)")
-    unit = chunk_size * cp
-    num_chunks = -(-max(slices.total_q, 1) // unit) * cp
-    areas = chunk_areas(slices, chunk_size, num_chunks)
-    ranks = SOLVERS[solver](areas, cp, slices, chunk_size)
-    return DispatchPlan(slices.total_q, chunk_size, cp, tuple(tuple(sorted(r)) for r in ranks), solver)
+# ----------------------------------------------------------------------------------------
+# The chunk-level problem every solver works on
+# ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChunkCosts:
+    """What a solver needs to know about the chunks, in a form that makes remote KV cheap.
+
+    The padded token axis is cut into **segments** at every chunk boundary and every endpoint
+    of a needed key interval, so that "chunk ``c`` needs segment ``s``" is all-or-nothing and
+    every segment lies inside one chunk. Then for an assignment the remote KV of rank ``r`` is
+    exactly ``sum(seg_len[s] for s needed by some chunk of r and held by another rank)``.
+
+    ``areas``: ``[n]`` int64, attention area of each chunk's rows. ``need``: ``[n, S]`` bool.
+    ``seg_len``: ``[S]`` int64 tokens. ``seg_chunk``: ``[S]`` the chunk holding each segment.
+    """
+
+    cp: int
+    chunk_size: int
+    areas: np.ndarray
+    need: np.ndarray
+    seg_len: np.ndarray
+    seg_chunk: np.ndarray
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.areas)
+
+    @property
+    def per_rank(self) -> int:
+        return self.num_chunks // self.cp
+
+    @classmethod
+    def build(cls, slices: AttnSlices, cp: int, chunk_size: int) -> "ChunkCosts":
+        cp, chunk_size = _check_positive("cp", cp), _check_positive("chunk_size", chunk_size)
+        if slices.total_q != slices.total_k:
+            raise ValueError("dispatch is for self-attention masks (total_q == total_k)")
+        unit = chunk_size * cp
+        n = -(-max(slices.total_q, 1) // unit) * cp
+        areas, keys = _chunk_pieces(slices, chunk_size, n)
+        cuts = {c * chunk_size for c in range(n + 1)}
+        for intervals in keys:
+            for lo, hi in intervals:
+                cuts.update((lo, hi))
+        bounds = np.array(sorted(cuts), dtype=np.int64)
+        need = np.zeros((n, len(bounds) - 1), dtype=bool)
+        for c, intervals in enumerate(keys):
+            for lo, hi in intervals:
+                need[c, np.searchsorted(bounds, lo):np.searchsorted(bounds, hi)] = True
+        return cls(cp, chunk_size, np.array(areas, dtype=np.int64), need,
+                   np.diff(bounds), bounds[:-1] // chunk_size)
+
+    def rank_figures(self, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(area, remote_kv)``, both ``[cp]`` int64, for ``owner[chunk] = rank``."""
+        area = np.bincount(owner, weights=self.areas, minlength=self.cp).astype(np.int64)
+        held = owner[self.seg_chunk][None, :] == np.arange(self.cp)[:, None]
+        needed = np.stack([self.need[owner == r].any(axis=0) for r in range(self.cp)])
+        return area, (needed & ~held) @ self.seg_len
+
+
+def _check_positive(name: str, value) -> int:
+    value = _check_int(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def _owner_of(ranks: list[list[int]], n: int) -> np.ndarray:
+    owner = np.empty(n, dtype=np.int64)
+    for r, chunks in enumerate(ranks):
+        owner[list(chunks)] = r
+    return owner
+
+
+def _ranks_of(owner: np.ndarray, cp: int) -> list[list[int]]:
+    return [np.flatnonzero(owner == r).tolist() for r in range(cp)]
+
+
+def _balance(area: np.ndarray) -> float:
+    mean = float(area.mean())
+    return float(area.max()) / mean if mean > 0 else 1.0
+
+
+# ----------------------------------------------------------------------------------------
+# Baseline solvers
+# ----------------------------------------------------------------------------------------
+
+def _contiguous(p: ChunkCosts) -> list[list[int]]:
+    k = p.per_rank
+    return [list(range(r * k, (r + 1) * k)) for r in range(p.cp)]
+
+
+def _zigzag(p: ChunkCosts) -> list[list[int]]:
+    """Parts ``r`` and ``2cp-1-r`` to rank ``r``; with an odd chunk count per rank the first
+    ``cp`` parts are one chunk longer than the last ``cp``."""
+    k, cp = p.per_rank, p.cp
+    sizes = [(k + 1) // 2] * cp + [k // 2] * cp
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    part = [list(range(starts[i], starts[i + 1])) for i in range(2 * cp)]
+    return [part[r] + part[2 * cp - 1 - r] for r in range(cp)]
+
+
+def _area_greedy(p: ChunkCosts) -> list[list[int]]:
+    """MagiAttention's default: by descending area, each chunk to the least loaded rank with room."""
+    order = sorted(range(p.num_chunks), key=lambda c: (-int(p.areas[c]), c))
+    heap = [(0, r) for r in range(p.cp)]
+    ranks: list[list[int]] = [[] for _ in range(p.cp)]
+    for c in order:
+        load, r = heapq.heappop(heap)
+        ranks[r].append(c)
+        if len(ranks[r]) < p.per_rank:
+            heapq.heappush(heap, (load + int(p.areas[c]), r))
+    return ranks
+
+
+# ----------------------------------------------------------------------------------------
+# The locality solver
+# ----------------------------------------------------------------------------------------
+
+def _locality_greedy(p: ChunkCosts, cap: float) -> list[list[int]]:
+    """Greedy by descending area; each chunk goes to the rank it shares most KV with.
+
+    A rank is eligible if it has room and, after taking the chunk, can still be filled with
+    the smallest remaining chunks without passing ``cap``. Shared KV = tokens of the chunk's
+    needed KV the rank already needs or holds, plus tokens of the chunk the rank needs.
+    Ties (and chunks no rank can take within the cap) go to the least loaded rank.
+    """
+    n, cp, k = p.num_chunks, p.cp, p.per_rank
+    order = sorted(range(n), key=lambda c: (-int(p.areas[c]), c))
+    tail_min = np.minimum.accumulate(p.areas[order][::-1])[::-1]  # min area of order[i:]
+    own = p.seg_chunk[None, :] == np.arange(n)[:, None]
+    touched = np.zeros((cp, p.need.shape[1]), dtype=bool)  # needed or held, per rank
+    needed = np.zeros_like(touched)
+    load = np.zeros(cp, dtype=np.int64)
+    count = np.zeros(cp, dtype=np.int64)
+    ranks: list[list[int]] = [[] for _ in range(cp)]
+    for i, c in enumerate(order):
+        rest = int(tail_min[i + 1]) if i + 1 < n else 0
+        room = count < k
+        fits = room & (load + p.areas[c] + (k - count - 1) * rest <= cap)
+        shared = (touched & p.need[c]) @ p.seg_len + (needed & own[c]) @ p.seg_len
+        pool = np.flatnonzero(fits) if fits.any() else np.flatnonzero(room)
+        r = int(min(pool, key=lambda r: (-int(shared[r]), int(load[r]), r)))
+        ranks[r].append(c)
+        load[r] += p.areas[c]
+        count[r] += 1
+        touched[r] |= p.need[c] | own[c]
+        needed[r] |= p.need[c]
+    return ranks
+
+
+class _SwapSearch:
+    """Local search over pair swaps (the only moves that keep chunk counts equal).
+
+    Minimises, lexicographically, (1) the total area above ``cap`` over ranks, then (2)
+    ``sum_r remote_r * (1 + remote_r / L)`` (total remote KV, with a mild push against the
+    largest). Per chunk ``x`` the partners ``y`` on other ranks are scored at once, with numpy,
+    and the best improving swap is applied. Work is bounded by ``max_cells`` (the number of
+    segment cells scored), never by wall time, so every rank computes the same plan.
+    """
+
+    def __init__(self, p: ChunkCosts, owner: np.ndarray, cap: float):
+        self.p, self.cap = p, cap
+        self.owner = owner.copy()
+        n, cp = p.num_chunks, p.cp
+        onehot = np.zeros((cp, n), dtype=np.int32)
+        onehot[self.owner, np.arange(n)] = 1
+        self.count = onehot @ p.need.astype(np.int32)  # [cp, S] chunks of r needing segment s
+        self.load = (onehot.astype(np.int64) @ p.areas).astype(np.float64)
+        self.own = p.seg_chunk[None, :] == np.arange(n)[:, None]  # [n, S]
+        # float weights for BLAS dot products; sums of token counts stay exact in float32
+        # while the padded length is below 2**24
+        self.dtype = np.float32 if n * p.chunk_size < 2 ** 24 else np.float64
+        self.weight = p.seg_len.astype(self.dtype)
+        self.scale = float(max(1, n * p.chunk_size))
+        self.tie = 0.4 / max(1.0, float(p.areas.sum()) / cp) ** 2
+        held = self.owner[p.seg_chunk][None, :] == np.arange(cp)[:, None]
+        self.remote = (((self.count > 0) & ~held) @ p.seg_len).astype(np.float64)
+
+    def _f(self, remote):
+        return remote * (1.0 + remote / self.scale)
+
+    def overload(self) -> float:
+        return float(np.maximum(0.0, self.load - self.cap).sum())
+
+    def run(self, max_passes: int, max_cells: float, max_partners: int = 64) -> np.ndarray:
+        p, cap = self.p, self.cap
+        areas, need, own, w, dtype = p.areas, p.need, self.own, self.weight, self.dtype
+        n, num_segs = p.num_chunks, need.shape[1]
+        cells = 0.0
+        swaps = 0
+        clean_since = np.full(n, -1)  # swap count when x last found nothing to do
+        for _ in range(max_passes):
+            improved = False
+            for x in np.argsort(-areas, kind="stable"):
+                if cells > max_cells:
+                    break
+                if clean_since[x] == swaps:  # nothing moved since: x would find nothing again
+                    continue
+                clean_since[x] = swaps
+                a = self.owner[x]
+                cells += n + num_segs + 2000  # the per-chunk fixed cost
+                ys = np.flatnonzero(self.owner != a)
+                b = self.owner[ys]
+                d_area = areas[ys] - areas[x]
+                load_a, load_b = self.load[a], self.load[b]
+                d_over = (np.maximum(0.0, load_a + d_area - cap) + np.maximum(0.0, load_b - d_area - cap)
+                          - max(0.0, load_a - cap) - np.maximum(0.0, load_b - cap))
+                keep = d_over <= 1e-9
+                if not keep.any():
+                    continue
+                ys, b, d_over, d_area = ys[keep], b[keep], d_over[keep], d_area[keep]
+                seg_owner = self.owner[p.seg_chunk]
+                held_a = (seg_owner == a) & ~own[x]
+                need_a_wo = self.count[a] - need[x] > 0
+                if len(ys) > max_partners:
+                    # cheap pre-selection: partners whose KV rank a mostly needs or holds already
+                    extra = (need[ys] & ~(need_a_wo | held_a)[None, :]).astype(dtype) @ w
+                    pick = np.argsort(extra, kind="stable")[:max_partners]
+                    ys, b, d_over, d_area = ys[pick], b[pick], d_over[pick], d_area[pick]
+                    cells += len(keep) * num_segs / 4
+                cells += len(ys) * num_segs
+                # rank a after the swap: needs what its other chunks and y need, holds y
+                remote_a = (need_a_wo[None, :] | need[ys]) & ~(held_a[None, :] | own[ys])
+                # rank b (one per partner): needs what its other chunks and x need, holds x
+                not_held_b = ((seg_owner[None, :] != b[:, None]) | own[ys]) & ~own[x][None, :]
+                remote_b = ((self.count[b] > need[ys]) | need[x][None, :]) & not_held_b
+                rem_a = (remote_a.astype(dtype) @ w).astype(np.float64)
+                rem_b = (remote_b.astype(dtype) @ w).astype(np.float64)
+                d_f = (self._f(rem_a) + self._f(rem_b) - self._f(self.remote[a]) - self._f(self.remote[b]))
+                # a flatter load (smaller sum of squared loads) breaks ties: worth < 1 token
+                d_f = d_f + self.tie * d_area * (load_a - self.load[b] + d_area)
+                # any overload reduction first; among equals, the best remote-KV change
+                score = np.where(d_over < -1e-9, -4.0 * self.scale * self.scale, 0.0) + d_f
+                j = int(np.argmin(score))
+                if score[j] >= -1e-6:
+                    continue
+                y, rb = int(ys[j]), int(b[j])
+                self.owner[x], self.owner[y] = rb, a
+                self.count[a] += need[y].astype(np.int32) - need[x]
+                self.count[rb] += need[x].astype(np.int32) - need[y]
+                self.load[a] += areas[y] - areas[x]
+                self.load[rb] += areas[x] - areas[y]
+                self.remote[a], self.remote[rb] = rem_a[j], rem_b[j]
+                swaps += 1
+                improved = True
+            if not improved or cells > max_cells:
+                break
+        self.cells = cells
+        return self.owner
+
+
+def _objective(p: ChunkCosts, owner: np.ndarray, balance_weight: float) -> tuple[float, float, float]:
+    """``(score, balance, remote_fraction)``: lower score is better."""
+    area, remote = p.rank_figures(owner)
+    balance = _balance(area)
+    remote_fraction = float(remote.sum()) / max(1, p.cp * p.num_chunks * p.chunk_size)
+    return balance_weight * (balance - 1.0) + remote_fraction, balance, remote_fraction
+
+
+def _coarsen(p: ChunkCosts, group: int) -> ChunkCosts:
+    """The same problem with every ``group`` consecutive chunks fused into one.
+
+    Segments of one fused chunk that the same fused chunks need are merged, so the coarse
+    problem is small as well as short.
+    """
+    n = p.num_chunks // group
+    areas = p.areas.reshape(n, group).sum(axis=1)
+    need = p.need.reshape(n, group, -1).any(axis=1)
+    seg_chunk = p.seg_chunk // group
+    bits = np.packbits(need, axis=0).T  # one row of bytes per segment
+    first: dict[tuple, int] = {}
+    inverse = np.array([first.setdefault((int(c), row.tobytes()), len(first)) for c, row in zip(seg_chunk, bits)])
+    column = np.unique(inverse, return_index=True)[1]
+    seg_len = np.bincount(inverse, weights=p.seg_len, minlength=len(column)).astype(np.int64)
+    return ChunkCosts(p.cp, p.chunk_size * group, areas, need[:, column], seg_len, seg_chunk[column])
+
+
+def _locality(p: ChunkCosts, tolerance: float = 1.05, balance_weight: float = 8.0,
+              levels: tuple[float, ...] = (0.0, 0.25, 1.0), max_passes: int = 6,
+              max_cells: float = 1e8, coarse_above: int = 128,
+              max_partners: int = 64, refine_only_above: int = 1024) -> list[list[int]]:
+    """Balance-first, locality-aware assignment.
+
+    1. The best balance ``b0`` any baseline reaches (area_greedy is near perfect) sets the
+       tightest area cap; the caps are ``b0 + f * (tolerance - b0)`` for ``f`` in ``levels``
+       (never below ``b0``).
+    2. At each cap, pair-swap local search (:class:`_SwapSearch`) runs from two starts, first
+       removing any area above the cap, then cutting remote KV: the locality-aware greedy for
+       that cap, and the best plan so far (at the first cap: zigzag). Problems with more than
+       ``coarse_above`` chunks are first solved with pairs of chunks fused (recursively), and
+       that plan replaces zigzag: single swaps cannot move a whole group of chunks across a
+       plateau of equal remote KV, the coarse problem can. Above ``refine_only_above`` chunks
+       the coarse plan is only polished by one search at its own balance.
+    3. Among the search results within their caps and the baselines within the tolerance
+       (so the result is never worse than a baseline by this score), the one with the least
+       ``balance_weight * (max_over_mean_area - 1) + total_remote_kv / (cp * padded_seqlen)``
+       wins: with the default weight, +1% of imbalance must save at least 8% of an all-gather's
+       KV volume. So a plan trades balance for locality only where that pays (packed samples)
+       and keeps the baselines' balance where it does not (one causal sequence).
+
+    ``max_cells`` bounds the work (segment cells scored by the search), so the time is bounded
+    and the result does not depend on the machine's speed.
+    """
+    n, cp = p.num_chunks, p.cp
+    if float(p.areas.sum()) == 0:
+        return _contiguous(p)
+    mean = float(p.areas.sum()) / cp
+    base = {name: _owner_of(fn(p), n) for name, fn in
+            (("contiguous", _contiguous), ("zigzag", _zigzag), ("area_greedy", _area_greedy))}
+    b0 = min(_balance(p.rank_figures(o)[0]) for o in base.values())
+    top = max(b0, tolerance)
+    caps = sorted({b0 + (top - b0) * f for f in levels})
+    seed = None
+    if n > coarse_above and p.per_rank % 2 == 0:
+        coarse = _locality(_coarsen(p, 2), tolerance, balance_weight, levels, max_passes, max_cells / 2,
+                           coarse_above, max_partners, refine_only_above)
+        seed = np.repeat(_owner_of(coarse, n // 2), 2)
+        if n > refine_only_above:  # too many chunks for the full search: only polish the coarse plan
+            cap = float(p.rank_figures(seed)[0].max()) * (1 + 1e-12)  # fusing keeps every rank's area
+            return _ranks_of(_SwapSearch(p, seed, cap).run(max_passes, max_cells / 2, max_partners), cp)
+    results: list[tuple[float, np.ndarray]] = []
+    best_prev = None
+    for cap_ratio in caps:
+        cap = cap_ratio * mean * (1 + 1e-12)
+        starts = [_owner_of(_locality_greedy(p, cap), n)]
+        if best_prev is not None:
+            starts.append(best_prev)
+        elif seed is not None:
+            starts.append(seed)
+        else:
+            starts.append(base["zigzag"])
+        for owner in starts:
+            search = _SwapSearch(p, owner, cap)
+            out = search.run(max_passes, max_cells / (2 * len(caps) * len(starts)), max_partners)
+            if search.overload() <= 1e-9:
+                results.append((_objective(p, out, balance_weight)[0], out))
+        if results:
+            best_prev = min(results, key=lambda t: t[0])[1]
+    results += [(_objective(p, o, balance_weight)[0], o) for o in base.values()
+                if _balance(p.rank_figures(o)[0]) <= top * (1 + 1e-12)]
+    return _ranks_of(min(results, key=lambda t: t[0])[1], cp)
+
+
+SOLVERS = {
+    "contiguous": _contiguous,
+    "zigzag": _zigzag,
+    "area_greedy": _area_greedy,
+    "locality": _locality,
+}
+ALIASES = {"default": "locality"}
+
+
+def _solver_names() -> list[str]:
+    return sorted(list(SOLVERS) + list(ALIASES))
+
+
+def solve(slices: AttnSlices, cp: int, chunk_size: int, solver: str = "default", **options) -> DispatchPlan:
+    """Pad, cut into chunks and assign them to ``cp`` ranks with the named solver.
+
+    Deterministic: the same mask and arguments give the same plan on every rank. The plan's
+    ``solver`` is the resolved name (``default`` resolves to ``locality``). ``options`` go to
+    the solver (``locality`` takes ``tolerance``, ``balance_weight``, ...; see :func:`_locality`).
+    """
+    name = ALIASES.get(solver, solver) if isinstance(solver, str) else None
+    if name not in SOLVERS:
+        raise ValueError(f"unknown dispatch solver {solver!r}; available: {', '.join(_solver_names())}")
+    p = ChunkCosts.build(slices, cp, chunk_size)
+    try:
+        inspect.signature(SOLVERS[name]).bind(p, **options)
+    except TypeError as e:
+        raise ValueError(f"bad options for dispatch solver {name!r}: {e}") from None
+    ranks = SOLVERS[name](p, **options)
+    return DispatchPlan(slices.total_q, p.chunk_size, p.cp, tuple(tuple(sorted(r)) for r in ranks), name)
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    """Per-rank figures of a plan (what the trainer logs every step)."""
+
+    area: list[int]  # attention area of each rank's query rows
+    remote_kv_tokens: list[int]  # KV tokens each rank needs and does not hold
+    max_over_mean_area: float
+
+    @property
+    def total_remote_kv(self) -> int:
+        return sum(self.remote_kv_tokens)
+
+    @property
+    def max_remote_kv(self) -> int:
+        return max(self.remote_kv_tokens)
+
+    def to_dict(self) -> dict:
+        return {"area": self.area, "max_over_mean_area": self.max_over_mean_area,
+                "remote_kv_tokens": self.remote_kv_tokens, "total_remote_kv": self.total_remote_kv,
+                "max_remote_kv": self.max_remote_kv}
+
+
+def plan_stats(plan: DispatchPlan, slices: AttnSlices) -> PlanStats:
+    """Per-rank area, ``max_over_mean_area`` and remote KV of ``plan`` under the mask ``slices``."""
+    p = ChunkCosts.build(slices, plan.cp, plan.chunk_size)
+    if p.num_chunks != plan.num_chunks:
+        raise ValueError(f"the plan has {plan.num_chunks} chunks but the mask needs {p.num_chunks}")
+    area, remote = p.rank_figures(_owner_of([list(r) for r in plan.ranks], p.num_chunks))
+    return PlanStats([int(a) for a in area], [int(r) for r in remote], _balance(area))
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit code 2, like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print one JSON object: the plan, its per-rank figures and the solve time.
+
+    Exit code 2 with a one-line message on stderr for a bad mask file, bad arguments or an
+    unknown solver.
+    """
+    parser = _ArgumentParser(prog="python -m magitrain.parallel.dispatch",
+                             description="Solve a context-parallel dispatch plan for a mask file.")
+    parser.add_argument("--mask", required=True,
+                        help='JSON file {"total_seqlen": N, "slices": [[qs, qe, ks, ke, type], ...]}')
+    parser.add_argument("--cp", required=True, type=int, help="context-parallel ranks")
+    parser.add_argument("--chunk-size", required=True, type=int, help="tokens per chunk")
+    parser.add_argument("--solver", default="default", help=f"one of {', '.join(_solver_names())}")
+    args = parser.parse_args(argv)
+    try:
+        slices = AttnSlices.load(args.mask)
+        start = time.perf_counter()
+        plan = solve(slices, args.cp, args.chunk_size, args.solver)
+        solve_ms = (time.perf_counter() - start) * 1e3
+        stats = plan_stats(plan, slices)
+    except (OSError, ValueError, TypeError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    out = {**plan.to_json(), **stats.to_dict(), "solve_ms": round(solve_ms, 3)}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -163,7 +163,7 @@ class AttnSlices(Sequence[AttnSlice]):
         parsed = []
         for s in slices:
             if not isinstance(s, AttnSlice):
-                if len(s) != 5:
+                if not isinstance(s, (list, tuple)) or len(s) != 5:
                     raise ValueError(f"a slice is [q_start, q_end, k_start, k_end, type], got {s!r}")
                 s = AttnSlice(AttnRange(s[0], s[1]), AttnRange(s[2], s[3]), s[4])
             if s.q_range.end > self.total_q:

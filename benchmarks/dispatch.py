@@ -1,0 +1,74 @@
+"""Dispatch solvers on the five mask families of the MagiAttention comparison.
+
+For every family and solver: max/mean attention area, the largest and the total remote KV
+(tokens a rank needs and another rank holds), solve time, and the locality solver's ratios
+to area_greedy (MagiAttention's default). Prints a markdown table.
+
+    python benchmarks/dispatch.py                      # 64K tokens, cp=8, chunk 512
+    python benchmarks/dispatch.py --tokens 1048576 --cp 32 --chunk-size 2048 --repeats 1
+
+Families over ``T`` tokens, with ``K = T / 16`` (4K tokens at T = 64K):
+one MAGI video of 16 chunks of K tokens (block-causal); plain causal; varlen causal documents
+of T/2, T/4, T/8, T/16, T/16; causal sliding window of K; packed videos of 8/4/2/1/1 chunks of
+K tokens (block-causal each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from magitrain.parallel.dispatch import plan_stats, solve
+from magitrain.parallel.mask import block_causal_video, packed_videos, sliding_window_causal, varlen_causal
+
+SOLVERS = ("contiguous", "zigzag", "area_greedy", "locality")
+
+
+def families(tokens: int) -> dict:
+    k = tokens // 16
+    return {
+        "one MAGI video, 16 chunks": block_causal_video([k] * 16),
+        "plain causal": varlen_causal([tokens]),
+        "varlen causal 1/2,1/4,1/8,1/16,1/16": varlen_causal([8 * k, 4 * k, 2 * k, k, k]),
+        f"sliding window {k}": sliding_window_causal(tokens, k),
+        "packed videos 8/4/2/1/1 chunks": packed_videos([[k] * 8, [k] * 4, [k] * 2, [k], [k]]),
+    }
+
+
+def measure(mask, cp: int, chunk_size: int, solver: str, repeats: int):
+    """Plan figures and the median wall / CPU milliseconds of ``solve``."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        plan = solve(mask, cp, chunk_size, solver)
+        wall.append((time.perf_counter() - start) * 1e3)
+        cpu.append((time.process_time() - start_cpu) * 1e3)
+    return plan_stats(plan, mask), statistics.median(wall), statistics.median(cpu)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--cp", type=int, default=8)
+    parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3, help="solve time is the median of this many runs")
+    args = parser.parse_args()
+
+    print(f"tokens={args.tokens} cp={args.cp} chunk_size={args.chunk_size} "
+          f"(solve ms: median of {args.repeats})\n")
+    print("| mask | solver | max/mean area | max remote KV | total remote KV | solve ms wall | solve ms CPU | "
+          "total KV vs area_greedy | max KV vs area_greedy |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, mask in families(args.tokens).items():
+        rows = {s: measure(mask, args.cp, args.chunk_size, s, args.repeats) for s in SOLVERS}
+        greedy = rows["area_greedy"][0]
+        for solver, (stats, wall_ms, cpu_ms) in rows.items():
+            total_ratio = stats.total_remote_kv / max(1, greedy.total_remote_kv)
+            max_ratio = stats.max_remote_kv / max(1, greedy.max_remote_kv)
+            print(f"| {name} | {solver} | {stats.max_over_mean_area:.4f} | {stats.max_remote_kv:,} | "
+                  f"{stats.total_remote_kv:,} | {wall_ms:.0f} | {cpu_ms:.0f} | {total_ratio:.2f} | {max_ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
