@@ -1,42 +1,289 @@
-"""Checkpoints: complete-or-absent folders, newest-complete resume, safe loading.
+"""Checkpoints: sharded (DCP), complete-or-absent folders, newest-complete resume, safe loading.
 
 Layout of a run's checkpoints::
 
     RUN_DIR/checkpoints/step_00000100/
-        state.pt      model, optimizer, EMA, scheduler, trainer counters, RNG, data position
-        config.yaml   the resolved config of the run that wrote it
-        COMPLETE      written last: a folder without it is ignored by ``resume=auto``
+        tensors/          every tensor of the shared state, saved by torch.distributed.checkpoint
+                          (DCP): each rank writes its own shards, ``.metadata`` indexes them
+        state.json        everything else of the shared state (counters, scheduler, optimizer
+                          hyper-parameters, ...) with each tensor leaf as {"__tensor__": key}
+        rank_00000.json   per-rank state (data position, RNG), one file per rank
+        config.yaml       the resolved config of the run that wrote it
+        COMPLETE          written last, by rank 0, after every rank finished: a folder without
+                          it is ignored by ``resume=auto``
 
-A checkpoint is written into a hidden temporary folder and renamed into place after its
-marker is written, so a crash (or a full disk) mid-save never leaves a half-written
-checkpoint where ``auto`` would pick it; the previous checkpoints stay untouched. Loading uses
-``torch.load(weights_only=True)``: no arbitrary unpickling.
+A checkpoint is written into a hidden temporary folder and renamed into place after its marker
+is written, so a crash (or a full disk) mid-save never leaves a half-written checkpoint where
+``auto`` would pick it; the previous checkpoints stay untouched.
+
+Resharding: tensors are stored under their fully-qualified names with their global shapes
+(FSDP2/TP shards are DTensors), so a checkpoint saved under one dp x cp x tp layout loads under
+any other, or on one process, with identical values (DCP reads the overlapping pieces).
+
+Safe loading (no arbitrary unpickling): DCP writes tensor data with ``torch.save`` and reads
+it with ``torch.load(weights_only=True)``; its ``.metadata`` index is a pickle, which we read
+with an unpickler that only builds DCP's own metadata classes, ``torch.Size``, dtypes and
+paths (:class:`SafeFileSystemReader`). We never store non-tensor objects in DCP (DCP would
+``torch.load(weights_only=False)`` them): those go to JSON. Old single-file ``state.pt``
+checkpoints still load with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import pickle
 import re
 import shutil
 import time
 
+import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 MARKER = "COMPLETE"
+TENSORS = "tensors"
+STATE_JSON = "state.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_TENSOR = "__tensor__"
+_INLINE = "__inline_tensor__"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message names the path."""
 
 
-class Checkpointer:
-    """Saves and finds checkpoints under ``run_dir/checkpoints``, keeping the last ``keep_last``."""
+# ------------------------------------------------------------------------------------------
+# Safe reading of DCP metadata
+# ------------------------------------------------------------------------------------------
 
-    def __init__(self, run_dir: str, keep_last: int = 3):
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only what DCP's ``.metadata`` legitimately holds; anything else is refused."""
+
+    _ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
+
+    def find_class(self, module, name):
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from checkpoint metadata")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's file reader with the metadata read by :class:`_MetadataUnpickler`."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = os.path.join(str(self.path), ".metadata")
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+            raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# ------------------------------------------------------------------------------------------
+# State trees: tensors (to DCP) and JSON (everything else)
+# ------------------------------------------------------------------------------------------
+
+def _as_tree(state: dict) -> dict:
+    return {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()}
+
+
+def split_tree(tree, path: tuple = ()) -> tuple[object, dict]:
+    """``(json_tree, tensors)``: tensors keyed by their '/'-joined path, leaves replaced by markers."""
+    if isinstance(tree, torch.Tensor):
+        key = "/".join(path)
+        return {_TENSOR: key}, {key: tree}
+    if isinstance(tree, dict):
+        out, tensors = {}, {}
+        for k, v in tree.items():
+            if not isinstance(k, (str, int)):
+                raise CheckpointError(f"cannot store state key {k!r} at {'/'.join(path)} (str or int only)")
+            out[str(k)], t = split_tree(v, path + (str(k),))
+            tensors.update(t)
+        return out, tensors
+    if isinstance(tree, (list, tuple)):
+        parts = [split_tree(v, path + (str(i),)) for i, v in enumerate(tree)]
+        return [p[0] for p in parts], {k: t for p in parts for k, t in p[1].items()}
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree, {}
+    raise CheckpointError(f"cannot store a {type(tree).__name__} at {'/'.join(path)} in a checkpoint")
+
+
+def merge_tree(saved, template, path: tuple = (), tensors: dict | None = None):
+    """Rebuild the state from JSON ``saved``; tensor leaves come from ``tensors`` (by key) or, with
+    a ``template``, are the template's tensors (to be filled in place by DCP)."""
+    where = "/".join(path) or "<root>"
+    if isinstance(saved, dict) and set(saved) == {_TENSOR}:
+        key = saved[_TENSOR]
+        if tensors is not None:
+            return tensors[key]
+        if not isinstance(template, torch.Tensor):
+            raise CheckpointError(f"checkpoint holds a tensor at {where}; the current state does not")
+        return template
+    if isinstance(template, torch.Tensor):
+        raise CheckpointError(f"checkpoint lacks the tensor {where}")
+    if isinstance(saved, dict):
+        tmpl = {str(k): (k, v) for k, v in template.items()} if isinstance(template, dict) else {}
+        if tensors is None:
+            missing = [k for k, (_, v) in tmpl.items() if k not in saved and _has_tensor(v)]
+            if missing:
+                raise CheckpointError(f"checkpoint lacks {where}/{missing[0]}")
+        return {tmpl.get(k, (k, None))[0]: merge_tree(v, tmpl.get(k, (k, None))[1], path + (k,), tensors)
+                for k, v in saved.items()}
+    if isinstance(saved, list):
+        tmpl = list(template) if isinstance(template, (list, tuple)) else [None] * len(saved)
+        tmpl += [None] * (len(saved) - len(tmpl))
+        out = [merge_tree(v, t, path + (str(i),), tensors) for i, (v, t) in enumerate(zip(saved, tmpl))]
+        return tuple(out) if isinstance(template, tuple) else out
+    return saved
+
+
+def _has_tensor(tree) -> bool:
+    if isinstance(tree, torch.Tensor):
+        return True
+    if isinstance(tree, dict):
+        return any(_has_tensor(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(_has_tensor(v) for v in tree)
+    return False
+
+
+def _inline_tensors(tree):
+    """Per-rank state is tiny: tensors go inline as raw bytes (base64), never pickled."""
+    if isinstance(tree, torch.Tensor):
+        arr = tree.detach().cpu().contiguous().numpy()
+        return {_INLINE: base64.b64encode(arr.tobytes()).decode(), "dtype": str(arr.dtype), "shape": list(arr.shape)}
+    if isinstance(tree, dict):
+        return {str(k): _inline_tensors(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_inline_tensors(v) for v in tree]
+    return tree
+
+
+def _uninline_tensors(tree):
+    if isinstance(tree, dict) and _INLINE in tree:
+        arr = np.frombuffer(base64.b64decode(tree[_INLINE]), dtype=np.dtype(tree["dtype"])).reshape(tree["shape"])
+        return torch.from_numpy(arr.copy())
+    if isinstance(tree, dict):
+        return {k: _uninline_tensors(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_uninline_tensors(v) for v in tree]
+    return tree
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+# ------------------------------------------------------------------------------------------
+# Stateful adapters for model and optimizer (sharding-aware, FQN-keyed)
+# ------------------------------------------------------------------------------------------
+
+class ModelState:
+    """The model's state dict by parameter name, sharded as the model is (FSDP2/TP DTensors)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+        set_model_state_dict(self.model, state)
+
+
+class OptimizerState:
+    """The optimizer's state keyed by parameter name (not position), so it reshards."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        set_optimizer_state_dict(self.model, self.optimizer, state)
+
+
+class RNGState:
+    """This process's torch CPU (and current CUDA device) generator state."""
+
+    def state_dict(self) -> dict:
+        out = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["cuda"] = torch.cuda.get_rng_state()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"].to(torch.uint8))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"].to(torch.uint8))
+
+
+# ------------------------------------------------------------------------------------------
+# The checkpointer
+# ------------------------------------------------------------------------------------------
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _dist()[1] > 1:
+        dist.barrier()
+
+
+def _all_ok(ok: bool) -> bool:
+    """True on every rank iff ``ok`` on every rank (so all ranks fail a save together)."""
+    if _dist()[1] == 1:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+class Checkpointer:
+    """Saves and finds checkpoints under ``run_dir/checkpoints``, keeping the last ``keep_last``.
+
+    ``save`` and ``load_into`` are collective when torch.distributed is initialized: every rank
+    calls them with its own (sharded) state. ``async_save``: tensors are staged in memory and
+    written in the background; the checkpoint is completed (marker, rename, prune) at the next
+    ``save`` or at :meth:`wait`.
+    """
+
+    def __init__(self, run_dir: str, keep_last: int = 3, async_save: bool = False):
         self.root = os.path.join(run_dir, "checkpoints")
         self.keep_last = keep_last
+        self.async_save = async_save
+        self._pending = None  # (future, tmp, final, step)
 
     def path_for(self, step: int) -> str:
         return os.path.join(self.root, f"step_{step:08d}")
@@ -74,29 +321,81 @@ class Checkpointer:
             raise CheckpointError(f"ckpt.resume={resume}: not a complete checkpoint folder")
         return path
 
-    def save(self, step: int, state: dict, config_yaml: str, extra_files: dict[str, bytes] | None = None) -> str:
-        """Write ``state`` (tensors and plain Python values) atomically; returns the folder."""
+    # --- saving ---------------------------------------------------------------------------
+
+    def save(self, step: int, state: dict, config_yaml: str, extra_files: dict[str, bytes] | None = None,
+             per_rank: dict | None = None) -> str:
+        """Write ``state`` (objects with ``state_dict()``, or trees of tensors and plain values; the
+        same names on every rank, tensors possibly sharded) and this rank's ``per_rank`` state.
+        Returns the checkpoint folder (complete on return unless ``async_save``)."""
+        self.wait()
+        rank, world = _dist()
         final = self.path_for(step)
-        tmp = os.path.join(self.root, f".tmp_step_{step:08d}_{os.getpid()}")
+        tmp = os.path.join(self.root, f".tmp_step_{step:08d}")
+        future, error = None, None
         try:
-            os.makedirs(tmp, exist_ok=True)
-            torch.save(state, os.path.join(tmp, "state.pt"))
-            with open(os.path.join(tmp, "config.yaml"), "w") as f:
-                f.write(config_yaml)
-            for name, data in (extra_files or {}).items():
-                with open(os.path.join(tmp, name), "wb") as f:
-                    f.write(data)
-            with open(os.path.join(tmp, MARKER), "w") as f:
-                json.dump({"step": step, "time": time.time()}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}") from None
-        self._prune()
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+            _barrier()
+            saved, tensors = split_tree(_as_tree(state))
+            _write_json(os.path.join(tmp, f"rank_{rank:05d}.json"), _inline_tensors(_as_tree(per_rank or {})))
+            if rank == 0:
+                _write_json(os.path.join(tmp, STATE_JSON), {"world_size": world, "state": saved})
+                with open(os.path.join(tmp, "config.yaml"), "w") as f:
+                    f.write(config_yaml)
+                for name, data in (extra_files or {}).items():
+                    with open(os.path.join(tmp, name), "wb") as f:
+                        f.write(data)
+            writer = dcp.FileSystemWriter(os.path.join(tmp, TENSORS))
+            if self.async_save and world > 1:
+                future = dcp.async_save(tensors, storage_writer=writer)
+            else:
+                dcp.save(tensors, storage_writer=writer, no_dist=world == 1)
+        except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - becomes a CheckpointError naming the folder
+            error = e
+        if future is not None:
+            self._pending = (future, tmp, final, step)
+            return final
+        return self._complete(tmp, final, step, error)
+
+    def wait(self) -> None:
+        """Finish a pending asynchronous save (collective)."""
+        if self._pending is None:
+            return
+        future, tmp, final, step = self._pending
+        self._pending = None
+        error = None
+        try:
+            future.result()
+        except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001
+            error = e
+        self._complete(tmp, final, step, error)
+
+    def _complete(self, tmp: str, final: str, step: int, error: Exception | None) -> str:
+        """All ranks finished writing: rank 0 writes the marker last and renames into place."""
+        rank, world = _dist()
+        if _all_ok(error is None) and rank == 0:
+            try:
+                with open(os.path.join(tmp, MARKER), "w") as f:
+                    json.dump({"step": step, "time": time.time(), "world_size": world, "format": "dcp"}, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            except OSError as e:
+                error = e
+        failed = not _all_ok(error is None)
+        if failed:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            _barrier()
+            reason = _reason(error) if error is not None else "another rank failed"
+            raise CheckpointError(f"could not write checkpoint {final}: {reason}") from None
+        if rank == 0:
+            self._prune()
+        _barrier()
         return final
 
     def _prune(self) -> None:
@@ -104,18 +403,98 @@ class Checkpointer:
         for _, path in done[: max(0, len(done) - self.keep_last)]:
             shutil.rmtree(path, ignore_errors=True)
 
+    # --- loading --------------------------------------------------------------------------
+
+    @staticmethod
+    def load_into(path: str, state: dict, per_rank: dict | None = None) -> None:
+        """Load a checkpoint into live objects (collective): every ``state`` entry (objects with
+        ``load_state_dict``) gets its saved state, tensors resharded to the current layout;
+        ``per_rank`` objects get this rank's saved state, or rank 0's if the world size changed
+        (exact for the synthetic source and for RNG streams that only seed non-data work)."""
+        rank, world = _dist()
+        saved = _read_json(os.path.join(path, STATE_JSON))
+        template = _as_tree(state)
+        for name in template:
+            if name not in saved["state"]:
+                raise CheckpointError(f"{path}: checkpoint has no '{name}' state")
+        tree = {name: merge_tree(saved["state"][name], template[name], (name,)) for name in template}
+        _, tensors = split_tree(tree)
+        _load_tensors(path, tensors, no_dist=world == 1)
+        for name, obj in state.items():
+            obj.load_state_dict(tree[name])
+        if per_rank:
+            same = int(saved.get("world_size", 1)) == world
+            mine = _uninline_tensors(_read_json(os.path.join(path, f"rank_{rank if same else 0:05d}.json")))
+            for name, obj in per_rank.items():
+                if name not in mine:
+                    raise CheckpointError(f"{path}: checkpoint has no per-rank '{name}' state")
+                obj.load_state_dict(mine[name])
+
     @staticmethod
     def load(path: str, map_location="cpu") -> dict:
-        """Load ``state.pt`` of a checkpoint folder with ``weights_only=True``."""
-        file = os.path.join(path, "state.pt")
-        if not os.path.exists(file):
-            raise CheckpointError(f"{path}: no state.pt")
-        try:
-            return torch.load(file, map_location=map_location, weights_only=True)
-        except Exception as e:  # truncated or foreign file: say which
-            raise CheckpointError(f"{file}: cannot be loaded ({type(e).__name__}: {e})") from None
+        """The whole checkpoint on one process, tensors unsharded (tools, tests, export): the shared
+        state, plus ``rank`` (rank 0's per-rank state)."""
+        if not os.path.isdir(os.path.join(path, TENSORS)) and os.path.exists(os.path.join(path, "state.pt")):
+            return _load_legacy(path, map_location)
+        if not os.path.exists(os.path.join(path, STATE_JSON)):
+            raise CheckpointError(f"{path}: no {STATE_JSON} (not a checkpoint folder)")
+        saved = _read_json(os.path.join(path, STATE_JSON))
+        metadata = SafeFileSystemReader(os.path.join(path, TENSORS)).read_metadata()
+        tensors = {}
+        for key, md in metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                tensors[key] = torch.empty(md.size, dtype=md.properties.dtype)
+        _load_tensors(path, tensors, no_dist=True)
+        tensors = {k: v.to(map_location) for k, v in tensors.items()}
+        out = merge_tree(saved["state"], None, (), tensors)
+        rank0 = os.path.join(path, "rank_00000.json")
+        if os.path.exists(rank0):
+            out["rank"] = _uninline_tensors(_read_json(rank0))
+        return out
 
     @staticmethod
     def step_of(path: str) -> int:
         with open(os.path.join(path, MARKER)) as f:
             return int(json.load(f)["step"])
+
+
+def _load_tensors(path: str, tensors: dict, no_dist: bool) -> None:
+    """Fill ``tensors`` (plain or DTensor, current layout) in place from the checkpoint's DCP data."""
+    reader = SafeFileSystemReader(os.path.join(path, TENSORS))
+    metadata = reader.read_metadata()
+    for key, t in tensors.items():
+        md = metadata.state_dict_metadata.get(key)
+        if not isinstance(md, TensorStorageMetadata):
+            raise CheckpointError(f"{path}: checkpoint has no tensor '{key}'")
+        if tuple(md.size) != tuple(t.shape):
+            raise CheckpointError(f"{path}: tensor '{key}' has shape {list(md.size)} in the checkpoint, "
+                                  f"{list(t.shape)} now")
+    try:
+        dcp.load(tensors, storage_reader=reader, no_dist=no_dist)
+    except CheckpointError:
+        raise
+    except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot be loaded ({_reason(e)})") from None
+
+
+def _reason(error: BaseException) -> str:
+    """A one-line cause; DCP's CheckpointException wraps each failed rank's exception."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, wrapped = sorted(failures.items())[0]
+        inner = getattr(wrapped, "exception", wrapped)
+        return f"rank {rank}: {_reason(inner)}"
+    return f"{type(error).__name__}: {getattr(error, 'strerror', None) or error}"
+
+
+def _load_legacy(path: str, map_location) -> dict:
+    """A single-file ``state.pt`` checkpoint (before DCP), read with ``weights_only=True``."""
+    file = os.path.join(path, "state.pt")
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated or foreign file: say which
+        raise CheckpointError(f"{file}: cannot be loaded ({type(e).__name__}: {e})") from None
+
+
+__all__ = ["MARKER", "CheckpointError", "Checkpointer", "ModelState", "OptimizerState", "RNGState",
+           "SafeFileSystemReader"]

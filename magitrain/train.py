@@ -20,15 +20,16 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from magitrain.checkpoint import Checkpointer, CheckpointError
+from magitrain.checkpoint import Checkpointer, CheckpointError, ModelState, OptimizerState, RNGState
 from magitrain.config import Config, ConfigError, load_config, save_config, to_yaml
 from magitrain.data import build_data_source
 from magitrain.diffusion import masked_sq_error, noise_batch
 from magitrain.ema import EMA
 from magitrain.metrics import MetricsLogger
 from magitrain.model import MagiDiT
-from magitrain.parallel.mesh import ParallelEnv, init_parallel
-from magitrain.parallel.parallelize import parallelize_model
+from magitrain.parallel.mesh import ParallelEnv, RankLostError, init_parallel, report_lost_ranks
+from magitrain.parallel.parallelize import clip_grad_norm_, parallelize_model
+from magitrain.weights import load_init_weights, resolve_init
 
 
 class TrainingError(RuntimeError):
@@ -120,7 +121,7 @@ def train_step(model, micro_batches, cfg: Config, env: ParallelEnv, step: int, o
         loss.backward()
         loss_sum += float(loss.detach())
     loss_value = all_reduce_sum(loss_sum, env, env.group("dp"))
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+    grad_norm = clip_grad_norm_(model, cfg.optim.grad_clip, env)
     finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
     if finite:
         optimizer.step()
@@ -134,26 +135,27 @@ def train(cfg: Config) -> dict:
     env = init_parallel(cfg)
     torch.manual_seed(cfg.train.seed)
     model = MagiDiT(cfg.model).to(env.device)
+    init_path = resolve_init(cfg)  # ckpt.init_from, or an imported weights-only checkpoint: new run, step 0
+    if init_path:
+        load_init_weights(model, init_path)
     model = parallelize_model(model, env, cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     ema = EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     data = build_data_source(cfg, env.dp_rank, env.dp)
     state = TrainState()
-    ckpt = Checkpointer(cfg.run.dir, cfg.ckpt.keep_last)
+    ckpt = Checkpointer(cfg.run.dir, cfg.ckpt.keep_last, async_save=cfg.ckpt.async_save)
 
-    def stateful() -> dict:
-        return {"model": model, "optim": optimizer, "sched": scheduler, "trainer": state, "data": data,
-                **({"ema": ema} if ema is not None else {})}
+    def stateful() -> dict:  # the same on every rank (tensors sharded as the model is)
+        return {"model": ModelState(model), "optim": OptimizerState(model, optimizer), "sched": scheduler,
+                "trainer": state, **({"ema": ema} if ema is not None else {})}
 
-    resume_path = ckpt.resolve(cfg.ckpt.resume)
+    def per_rank() -> dict:
+        return {"data": data, "rng": RNGState()}
+
+    resume_path = None if init_path else ckpt.resolve(cfg.ckpt.resume)
     if resume_path:
-        saved = Checkpointer.load(resume_path, map_location=env.device)
-        for name, obj in stateful().items():
-            if name not in saved:
-                raise CheckpointError(f"{resume_path}: checkpoint has no '{name}' state")
-            obj.load_state_dict(saved[name])
-        torch.set_rng_state(saved["rng"]["torch"].cpu())
+        Checkpointer.load_into(resume_path, stateful(), per_rank())
 
     if env.is_main:
         save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
@@ -164,46 +166,47 @@ def train(cfg: Config) -> dict:
     stop = StopRequest()
 
     def save() -> str:
-        blob = {name: obj.state_dict() for name, obj in stateful().items()}
-        blob["rng"] = {"torch": torch.get_rng_state()}
-        return ckpt.save(state.step, blob, to_yaml(cfg))
+        return ckpt.save(state.step, stateful(), to_yaml(cfg), per_rank=per_rank())
 
     record: dict = {}
     last_saved = state.step if resume_path else -1
-    while state.step < cfg.train.steps:
-        t0 = time.perf_counter()
-        micro = [data.next_batch() for _ in range(cfg.train.grad_accum)]
-        out = train_step(model, micro, cfg, env, state.step, optimizer)
-        if out["finite"]:
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            state.bad_steps_in_row = 0
-        else:
-            state.bad_steps_in_row += 1
-            state.bad_steps_total += 1
-            logger.message(f"step {state.step + 1}: non-finite loss/grad ({out['loss']}, {out['grad_norm']}), skipped")
-            if state.bad_steps_in_row > cfg.train.max_bad_steps:
-                raise TrainingError(f"{state.bad_steps_in_row} non-finite steps in a row (train.max_bad_steps="
-                                    f"{cfg.train.max_bad_steps}); stopping. Lower optim.lr or check the data.")
-        state.step += 1
-        state.tokens_seen += out["tokens"]
-        dt = time.perf_counter() - t0
-        record = {"step": state.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
-                  "lr": scheduler.get_last_lr()[0], "tokens_per_s": out["tokens"] / dt, "step_time_s": dt,
-                  "tokens_seen": state.tokens_seen, "bad_steps": state.bad_steps_total, **data.stats()}
-        if state.step % cfg.log.every == 0 or state.step == cfg.train.steps:
-            logger.log(record)
-        stopping = stop.agreed(env)
-        if (cfg.ckpt.every and state.step % cfg.ckpt.every == 0) or stopping or state.step == cfg.train.steps:
-            path = save()
-            last_saved = state.step
-            logger.message(f"checkpoint: {path}")
-        if stopping:
-            logger.message(f"stop requested: saved step {state.step}, exiting")
-            break
+    with report_lost_ranks(env, lambda: f"step {state.step + 1}"):  # a dead rank: a clear error, no hang
+        while state.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            micro = [data.next_batch() for _ in range(cfg.train.grad_accum)]
+            out = train_step(model, micro, cfg, env, state.step, optimizer)
+            if out["finite"]:
+                scheduler.step()
+                if ema is not None:
+                    ema.update(model)
+                state.bad_steps_in_row = 0
+            else:
+                state.bad_steps_in_row += 1
+                state.bad_steps_total += 1
+                logger.message(f"step {state.step + 1}: non-finite loss/grad ({out['loss']}, "
+                               f"{out['grad_norm']}), skipped")
+                if state.bad_steps_in_row > cfg.train.max_bad_steps:
+                    raise TrainingError(f"{state.bad_steps_in_row} non-finite steps in a row (train.max_bad_steps="
+                                        f"{cfg.train.max_bad_steps}); stopping. Lower optim.lr or check the data.")
+            state.step += 1
+            state.tokens_seen += out["tokens"]
+            dt = time.perf_counter() - t0
+            record = {"step": state.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
+                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": out["tokens"] / dt, "step_time_s": dt,
+                      "tokens_seen": state.tokens_seen, "bad_steps": state.bad_steps_total, **data.stats()}
+            if state.step % cfg.log.every == 0 or state.step == cfg.train.steps:
+                logger.log(record)
+            stopping = stop.agreed(env)
+            if (cfg.ckpt.every and state.step % cfg.ckpt.every == 0) or stopping or state.step == cfg.train.steps:
+                path = save()
+                last_saved = state.step
+                logger.message(f"checkpoint: {path}")
+            if stopping:
+                logger.message(f"stop requested: saved step {state.step}, exiting")
+                break
     if last_saved != state.step and state.step > 0:
         save()
+    ckpt.wait()
     logger.close()
     return record
 
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
         train(cfg)
-    except (ConfigError, CheckpointError, TrainingError) as e:
+    except (ConfigError, CheckpointError, TrainingError, RankLostError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,7 +1,16 @@
 """``parallelize_model(model, env, cfg)``: apply TP, CP attention, activation checkpointing and
 sharded data parallel to a plain model, in that order (torchtitan style).
 
-The model file knows nothing of this; everything here swaps or wraps modules from outside.
+The model file knows nothing of this; everything here swaps or wraps modules from outside and
+keeps parameter names unchanged (checkpoints reshard by name). The loop sees one function for
+what differs by layout: :func:`clip_grad_norm_`.
+
+How the axes compose (rank ``r = (dp_rank * cp + cp_rank) * tp + tp_rank``):
+
+- TP shards each layer's matrices over the ``tp`` group (innermost: the fastest links).
+- CP runs each rank on its dispatched tokens; its attention group is ``cp`` (same dp and tp
+  rank), so CP attention runs on the TP rank's local heads and moves only those heads' KV.
+- FSDP2 shards every parameter over ``dp_cp`` (dp x cp flattened) and SUMS gradients there.
 """
 
 from __future__ import annotations
@@ -10,11 +19,28 @@ from torch import nn
 
 from magitrain.config import Config, ConfigError
 
+from .activation_checkpoint import apply_activation_checkpointing
+from .context_parallel import apply_context_parallel
+from .data_parallel import apply_fsdp, clip_grad_norm_ as _clip_sharded, mixed_precision_policy
 from .mesh import ParallelEnv
+from .tensor_parallel import apply_tensor_parallel
 
 
 def parallelize_model(model: nn.Module, env: ParallelEnv, cfg: Config) -> nn.Module:
-    """Return the model ready for this process's place in the mesh."""
-    if env.world_size == 1:
-        return model
-    raise ConfigError(f"multi-process training (world size {env.world_size}) is not available yet in this build")
+    """Return the model ready for this process's place in the mesh (the same object, changed in place)."""
+    p = cfg.parallel
+    if p.dp_engine != "fsdp2" and env.world_size > 1:
+        raise ConfigError(f"parallel.dp_engine={p.dp_engine} is not available in this build; use fsdp2")
+    if env.tp > 1:
+        apply_tensor_parallel(model, env.submesh("tp"))
+    if env.cp > 1:
+        apply_context_parallel(model, env.submesh("cp"), p.cp_chunk_size, p.cp_solver, p.overlap_stages)
+    apply_activation_checkpointing(model, p.activation_checkpointing, p.ac_every)
+    if env.dp * env.cp > 1:
+        apply_fsdp(model, env.submesh("dp_cp"), mixed_precision_policy(env.device, cfg.train.dtype))
+    return model
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, env: ParallelEnv) -> float:
+    """Clip the (possibly sharded) gradients of ``model`` to ``max_norm``; the norm before clipping."""
+    return _clip_sharded(model.parameters(), max_norm, env.world_size)
