@@ -2,8 +2,9 @@
 
 Parameters are replicated over both the dp and the cp axis (CP ranks hold the same weights and
 see different tokens), so FSDP2 shards them over the flattened ``dp_cp`` mesh: per layer, then
-the root (embedders, RoPE, final layer). TP-sharded parameters become 2-D DTensors
-``(dp_cp: Shard(0), tp: Shard(k))``.
+the root (embedders, RoPE, final layer). TP-sharded parameters become 2-D DTensors on the
+``(dp_cp, tp)`` mesh: ``(Shard(0), Shard(1))`` for a row-parallel weight, and
+``(_StridedShard(0), Shard(0))`` where FSDP2 shards the dimension TP already split.
 
 Gradient reduction is a SUM, not FSDP2's default mean: the trainer divides every rank's loss by
 the GLOBAL loss-token count, so per-rank losses add up to the global mean and so must their
