@@ -58,6 +58,9 @@ class ModelConfig:
     rope_ref_grid: int = 16  # RoPE rescales (rows, cols) to a grid of this side
     chunk_frames: int = 2  # latent frames per chunk (MAGI-1: 6)
     step_size_conditioning: bool = False  # shortcut-distilled models embed the step size too
+    # how the step size is embedded: magi1 = MAGI-1's shared t_embedder (no new keys, loads MAGI-1's distilled
+    # weights); zero_init = its own embedder whose last layer starts at zero (a base checkpoint starts unchanged)
+    step_size_embedder: str = "magi1"
     init_std: float = 0.02
 
 
@@ -170,6 +173,23 @@ class LogConfig:
     every: int = 1
     tensorboard: bool = True
     progress: bool = True
+    peak_flops: float = 0.0  # per-device peak FLOP/s for the MFU estimate; 0: a default by device (magitrain.perf)
+
+
+@dataclass
+class DistillConfig:
+    """Shortcut + guidance distillation (magitrain/distill.py): the student is the configured model with
+    step-size conditioning, initialised from ``ckpt.init_from``; the targets come from a frozen teacher."""
+
+    enabled: bool = False
+    teacher: str = ""  # base checkpoint / run dir / release giving the targets; '' : ckpt.init_from
+    step_counts: list = field(default_factory=lambda: [64, 32, 16, 8])  # schedules trained, one per step in turn
+    schedule_shift: float = 3.0  # the sampling schedule the step sizes come from (must match generation)
+    schedule_square: bool = True
+    text_scale: float = 7.5  # teacher guidance s_text (MAGI-1: 7.5); 1 with history_scale 1: no guidance
+    history_scale: float = 1.5  # s_history of MAGI-1's 3-pass guidance (1: 2-pass or 1-pass teacher)
+    self_target: str = "student"  # who takes the two small steps of a large step: student (stop-gradient) | teacher
+    finest_target: str = "teacher"  # finest step size: teacher (guided velocity) | data (x_clean - noise)
 
 
 @dataclass
@@ -183,6 +203,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def _choice(key: str, value: Any, allowed) -> None:
@@ -265,6 +286,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _positive("ckpt.keep_last", cfg.ckpt.keep_last)
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay={cfg.optim.ema_decay} must be in [0, 1)")
+    _positive("log.peak_flops", cfg.log.peak_flops, zero_ok=True)
+    _choice("model.step_size_embedder", m.step_size_embedder, ("magi1", "zero_init"))
+    if cfg.distill.enabled:
+        from magitrain.distill import validate_distill  # the distillation checks live with distillation
+        validate_distill(cfg)
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None,

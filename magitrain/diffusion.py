@@ -18,6 +18,7 @@ data-parallel or context-parallel ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -75,6 +76,7 @@ class NoisedBatch:
     text_null: torch.Tensor  # [num_chunks] bool, caption dropped
     drop_history: torch.Tensor  # [num_samples] bool
     loss_mask: torch.Tensor  # [N] bool: tokens that count in the loss
+    noise: Optional[torch.Tensor] = None  # [N, C, pt, ph, pw] the noise drawn (distillation re-noises at its own t)
 
 
 def sample_generator(seed: int, step: int, sample_id: int) -> torch.Generator:
@@ -104,11 +106,22 @@ def noise_batch(batch: Batch, cfg: DiffusionConfig, seed: int, step: int) -> Noi
         chunk_counts_loss[chunk + clean:chunk + s.num_chunks] = True
         chunk += s.num_chunks
     chunk_ids = layout.token_chunk_ids()
-    valid = chunk_ids >= 0
-    t_tok = t[chunk_ids.clamp(min=0)].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
-    x_t = torch.where(valid.view_as(t_tok), t_tok * x0 + (1 - t_tok) * noise, torch.zeros_like(x0))
-    loss_mask = valid & chunk_counts_loss[chunk_ids.clamp(min=0)]
-    return NoisedBatch(x_t, x0 - noise, t, text_null, drop_history, loss_mask)
+    x_t = interpolate(x0, noise, t, chunk_ids)
+    loss_mask = (chunk_ids >= 0) & chunk_counts_loss[chunk_ids.clamp(min=0)]
+    return NoisedBatch(x_t, x0 - noise, t, text_null, drop_history, loss_mask, noise)
+
+
+def per_token(values: torch.Tensor, chunk_ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-chunk ``values [C]`` as ``[N, 1, ...]`` (broadcasting against ``like [N, ...]``); padding gets 0."""
+    chunk_ids = chunk_ids.to(like.device)
+    v = torch.where(chunk_ids >= 0, values.to(like.device)[chunk_ids.clamp(min=0)], torch.zeros((), device=like.device))
+    return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, chunk_ids: torch.Tensor) -> torch.Tensor:
+    """``x_t = t * x0 + (1 - t) * noise`` at per-chunk ``t [C]``; padding tokens (chunk id -1) are 0."""
+    t_tok = per_token(t, chunk_ids, x0)
+    return torch.where((chunk_ids >= 0).view_as(t_tok), t_tok * x0 + (1 - t_tok) * noise, torch.zeros_like(x0))
 
 
 def masked_sq_error(pred: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, int]:

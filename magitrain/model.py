@@ -4,7 +4,7 @@ checks the forward against MAGI-1's own code). One forward:
 
 1. patch tokens ``[N, C, pt, ph, pw]`` -> ``x_embedder`` (MAGI-1's Conv3d, kernel = stride =
    patch, applied as a linear on the flattened patch) -> ``h [N, hidden]``;
-2. per chunk ``c = t_embedder(t) [+ t_embedder(step_size)] + y_proj_adaln(null row -2 | -1)``;
+2. per chunk ``c = t_embedder(t) [+ step-size embedding] + y_proj_adaln(null row -2 | -1)``;
    each layer turns ``c`` into softcapped gates, every token takes its own chunk's gates;
 3. per layer ``u = LN(h)``, self-attention (1p q/k norms, 3D RoPE, GQA, block-causal slices) and
    cross-attention (each chunk to its own caption) side by side, outputs interleaved in 8 groups
@@ -334,6 +334,9 @@ class MagiDiT(nn.Module):
         cond_dim = int(cfg.hidden_size * cfg.cond_hidden_ratio)
         self.x_embedder = nn.Conv3d(cfg.in_channels, cfg.hidden_size, (pt, p, p), (pt, p, p), bias=False)
         self.t_embedder = TimestepEmbedder(cond_dim)
+        # step-size embedder of zero_init distilled models (magi1: the t_embedder embeds the step size too)
+        self.dt_embedder = (TimestepEmbedder(cond_dim) if cfg.step_size_conditioning
+                            and cfg.step_size_embedder == "zero_init" else None)
         self.y_embedder = CaptionEmbedder(cfg, cond_dim)
         self.rope = LearnableRope(cfg.head_dim)
         # ModuleDicts only to reproduce MAGI-1's key names
@@ -364,6 +367,9 @@ class MagiDiT(nn.Module):
         nn.init.normal_(self.y_embedder.null_caption_embedding, std=std)
         self.rope.reset_parameters()
         nn.init.zeros_(self.final_linear.linear.weight)
+        if self.dt_embedder is not None:  # adds exact zeros: outputs equal the base model's bit for bit
+            nn.init.zeros_(self.dt_embedder.mlp[2].weight)
+            nn.init.zeros_(self.dt_embedder.mlp[2].bias)
 
     def prepare(self, layout: PackedLayout, drop_history: Optional[torch.Tensor] = None) -> TokenMeta:
         """Per-token metadata of ``layout``. ``drop_history [num_samples]`` bool: those samples'
@@ -382,11 +388,13 @@ class MagiDiT(nn.Module):
                          layout.token_chunk_ids(device), slices)
 
     def condition(self, t, text_null=None, step_size=None):
-        """Per-chunk ``[C, cond_dim]`` = t_emb(t) [+ t_emb(step_size)] + adaLN caption row. As in MAGI-1's
-        distilled models the SAME ``t_embedder`` embeds the step size (no extra keys); None: base model."""
+        """Per-chunk ``[C, cond_dim]`` = t_emb(t) [+ dt_emb(step_size)] + adaLN caption row. ``step_size_embedder``
+        magi1: as in MAGI-1's distilled models the SAME ``t_embedder`` embeds the step size (no extra keys);
+        zero_init: ``dt_embedder``, whose zero last layer adds exact zeros until trained (a base checkpoint
+        starts unchanged). None: the base model."""
         c = self.t_embedder(t)
         if step_size is not None:
-            c = c + self.t_embedder(step_size)
+            c = c + (self.t_embedder if self.dt_embedder is None else self.dt_embedder)(step_size)
         if text_null is None:
             text_null = torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
         return c + self.y_embedder.adaln(text_null)
