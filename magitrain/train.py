@@ -20,16 +20,19 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from magitrain import perf
 from magitrain.checkpoint import Checkpointer, CheckpointError, ModelState, OptimizerState, RNGState
 from magitrain.config import Config, ConfigError, load_config, save_config, to_yaml
 from magitrain.data import build_data_source
-from magitrain.diffusion import masked_sq_error, noise_batch
+from magitrain.diffusion import NoisedBatch, masked_sq_error, noise_batch
+from magitrain.distill import ShortcutDistillation, load_init
 from magitrain.ema import EMA
 from magitrain.metrics import MetricsLogger
 from magitrain.model import MagiDiT
+from magitrain.parallel.context_parallel import take_plan_stats
 from magitrain.parallel.mesh import ParallelEnv, RankLostError, init_parallel, report_lost_ranks
 from magitrain.parallel.parallelize import clip_grad_norm_, parallelize_model
-from magitrain.weights import load_init_weights, resolve_init
+from magitrain.weights import resolve_init
 
 
 class TrainingError(RuntimeError):
@@ -99,13 +102,40 @@ def all_reduce_sum(value: float, env: ParallelEnv, group=None) -> float:
     return float(t.item())
 
 
-def train_step(model, micro_batches, cfg: Config, env: ParallelEnv, step: int, optimizer) -> dict:
+class FlowMatching:
+    """The base objective. An objective's ``noise(batch, step)`` draws the batch's :class:`NoisedBatch`
+    (``loss_mask``, ``target``: counted before any forward); calling it with ``(model, batch, noised,
+    device)`` runs the model and returns ``(prediction, target)`` for the masked squared error."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def noise(self, batch, step: int) -> NoisedBatch:
+        return noise_batch(batch, self.cfg.diffusion, self.cfg.train.seed, step)
+
+    def __call__(self, model, batch, nb: NoisedBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = model(nb.x_t.to(device), nb.t.to(device), batch.text_emb, batch.text_mask, batch.layout,
+                     text_null=nb.text_null.to(device), drop_history=nb.drop_history.to(device))
+        return pred, nb.target.to(device)
+
+
+def build_objective(cfg: Config, env: ParallelEnv):
+    """What the model is trained to predict: flow matching, or shortcut + guidance distillation
+    (``distill.enabled``; its frozen teacher is parallelised like the model)."""
+    if cfg.distill.enabled:
+        return ShortcutDistillation.from_config(cfg, env)
+    return FlowMatching(cfg)
+
+
+def train_step(model, micro_batches, cfg: Config, env: ParallelEnv, step: int, optimizer, objective=None) -> dict:
     """One optimizer step over this rank's micro-batches; returns the step's figures.
 
-    The loss is the mean squared velocity error over every loss token of the *global* batch
+    The loss is the mean squared error between the model's prediction and the ``objective``'s
+    target (default: flow matching's velocity) over every loss token of the *global* batch
     (all ranks, all micro-batches), so it does not depend on how the batch is split.
     """
-    noised = [noise_batch(b, cfg.diffusion, cfg.train.seed, step) for b in micro_batches]
+    objective = objective or FlowMatching(cfg)
+    noised = [objective.noise(b, step) for b in micro_batches]
     local_count = sum(int(n.loss_mask.sum()) * n.target[0].numel() for n in noised)
     global_count = max(1.0, all_reduce_sum(local_count, env, env.group("dp")))
     autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16)
@@ -114,9 +144,8 @@ def train_step(model, micro_batches, cfg: Config, env: ParallelEnv, step: int, o
     for batch, nb in zip(micro_batches, noised):
         batch = batch.to(env.device)
         with autocast:
-            pred = model(nb.x_t.to(env.device), nb.t.to(env.device), batch.text_emb, batch.text_mask, batch.layout,
-                         text_null=nb.text_null.to(env.device), drop_history=nb.drop_history.to(env.device))
-        sq, _ = masked_sq_error(pred, nb.target.to(env.device), nb.loss_mask.to(env.device))
+            pred, target = objective(model, batch, nb, env.device)
+        sq, _ = masked_sq_error(pred, target, nb.loss_mask.to(env.device))
         loss = sq / global_count
         loss.backward()
         loss_sum += float(loss.detach())
@@ -137,8 +166,9 @@ def train(cfg: Config) -> dict:
     model = MagiDiT(cfg.model).to(env.device)
     init_path = resolve_init(cfg)  # ckpt.init_from, or an imported weights-only checkpoint: new run, step 0
     if init_path:
-        load_init_weights(model, init_path)
+        load_init(model, init_path)
     model = parallelize_model(model, env, cfg)
+    objective = build_objective(cfg, env)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     ema = EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
@@ -164,6 +194,9 @@ def train(cfg: Config) -> dict:
     if resume_path:
         logger.message(f"resumed from {resume_path} at step {state.step}")
     stop = StopRequest()
+    params = perf.count_params(model)  # throughput accounting: see magitrain/perf.py for the FLOPs formula
+    peak_total = (cfg.log.peak_flops or perf.default_peak_flops(env.device)) * env.world_size
+    stages = perf.StageSummary(cfg.run.dir, peak_total, env.is_main, state.step)
 
     def save() -> str:
         return ckpt.save(state.step, stateful(), to_yaml(cfg), per_rank=per_rank())
@@ -174,7 +207,8 @@ def train(cfg: Config) -> dict:
         while state.step < cfg.train.steps:
             t0 = time.perf_counter()
             micro = [data.next_batch() for _ in range(cfg.train.grad_accum)]
-            out = train_step(model, micro, cfg, env, state.step, optimizer)
+            data_time = time.perf_counter() - t0
+            out = train_step(model, micro, cfg, env, state.step, optimizer, objective)
             if out["finite"]:
                 scheduler.step()
                 if ema is not None:
@@ -194,8 +228,15 @@ def train(cfg: Config) -> dict:
             record = {"step": state.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": out["tokens"] / dt, "step_time_s": dt,
                       "tokens_seen": state.tokens_seen, "bad_steps": state.bad_steps_total, **data.stats()}
+            area = all_reduce_sum(perf.masked_area(micro), env, env.group("dp"))
+            flops = perf.step_flops(params, out["tokens"], area, cfg.model)
+            record.update({"data_time_s": data_time, "attn_area": int(area), "model_flops": flops,
+                           "mfu": flops / dt / peak_total, **perf.cp_figures(take_plan_stats(model))})
             if state.step % cfg.log.every == 0 or state.step == cfg.train.steps:
                 logger.log(record)
+            summary = stages.update(record)  # a line per finished curriculum stage
+            if summary:
+                logger.message(summary)
             stopping = stop.agreed(env)
             if (cfg.ckpt.every and state.step % cfg.ckpt.every == 0) or stopping or state.step == cfg.train.steps:
                 path = save()
@@ -207,6 +248,9 @@ def train(cfg: Config) -> dict:
     if last_saved != state.step and state.step > 0:
         save()
     ckpt.wait()
+    summary = stages.finish()
+    if summary:
+        logger.message(summary)
     logger.close()
     return record
 
@@ -220,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
         train(cfg)
     except (ConfigError, CheckpointError, TrainingError, RankLostError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:  # e.g. a shard named by data.shards is gone: a start-up error
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .attention import CPSliceAttention, dispatch, local_positions, undispatch
-from .dispatch import ALIASES, SOLVERS, DispatchPlan, solve
+from .dispatch import ALIASES, SOLVERS, DispatchPlan, PlanStats, plan_stats, solve
 from .mask import AttnSlices
 
 
@@ -53,17 +53,21 @@ class ContextParallelForward:
             core = CPSliceAttention(self.group, plan=None, overlap_stages=overlap_stages)
             layer.self_attention.core_attention = core
             self.cores.append(core)
-        self._plans: list[tuple[AttnSlices, DispatchPlan]] = []
+        self._plans: list[tuple[AttnSlices, DispatchPlan, PlanStats]] = []
+        self.recent_stats: list[PlanStats] = []  # one per forward since the last take_plan_stats()
 
     def plan_for(self, slices: AttnSlices) -> DispatchPlan:
-        for cached, plan in self._plans:
+        for cached, plan, stats in self._plans:
             if cached == slices:
+                self.recent_stats.append(stats)
                 return plan
         if slices.total_q < self.cp * self.chunk_size:
             raise ValueError(f"a sequence of {slices.total_q} tokens is shorter than parallel.cp={self.cp} chunks "
                              f"of parallel.cp_chunk_size={self.chunk_size}")
         plan = solve(slices, self.cp, self.chunk_size, self.solver)
-        self._plans = [(slices, plan)] + self._plans[: self._CACHE_SIZE - 1]
+        stats = plan_stats(plan, slices)
+        self._plans = [(slices, plan, stats)] + self._plans[: self._CACHE_SIZE - 1]
+        self.recent_stats.append(stats)
         return plan
 
     def __call__(self, x, t, text_emb, text_mask, layout, text_null=None, drop_history=None, step_size=None):
@@ -90,6 +94,16 @@ def local_rows(meta, plan: DispatchPlan, rank: int):
     chunk_ids = torch.cat([meta.chunk_ids, meta.chunk_ids.new_full((pad,), -1)])
     rope_pos = torch.cat([meta.rope_pos, meta.rope_pos.new_zeros((pad, meta.rope_pos.shape[1]))])
     return type(meta)(rope_pos[pos], chunk_ids[pos], meta.self_slices)
+
+
+def take_plan_stats(model: nn.Module) -> list[PlanStats]:
+    """The dispatch-plan figures (per-rank area, remote KV) of every CP forward of ``model`` since
+    the last call, oldest first; [] when the model does not run context parallel."""
+    forward = getattr(model, "forward", None)
+    if not isinstance(forward, ContextParallelForward):
+        return []
+    stats, forward.recent_stats = forward.recent_stats, []
+    return stats
 
 
 def apply_context_parallel(model: nn.Module, cp_mesh, chunk_size: int, solver: str, overlap_stages: int) -> None:

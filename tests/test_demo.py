@@ -1,0 +1,123 @@
+"""The demo end to end (media -> shards -> 4-rank curriculum training -> streamed mp4 -> quality
+check), and the throughput accounting the trainer logs per step and per stage."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from magitrain.parallel.dispatch import PlanStats
+
+from magitrain import perf
+from magitrain.batch import Batch
+from magitrain.config import ModelConfig
+from magitrain.layout import PackedLayout
+
+# --- throughput accounting (fast) -------------------------------------------------------------
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def dense_block_causal_pairs(layout: PackedLayout) -> int:
+    """Independent count: token i sees token j iff same sample and chunk(j) <= chunk(i)."""
+    sample = torch.full((layout.total_tokens,), -1)
+    chunk = torch.zeros(layout.total_tokens, dtype=torch.long)
+    for n, s in enumerate(layout.samples):
+        idx = torch.arange(s.num_tokens)
+        sample[s.offset:s.offset + s.num_tokens] = n
+        chunk[s.offset:s.offset + s.num_tokens] = idx // s.chunk_tokens
+    same = (sample[:, None] == sample[None, :]) & (sample[:, None] >= 0)
+    return int((same & (chunk[None, :] <= chunk[:, None])).sum())
+
+
+def test_masked_area_counts_the_block_causal_mask_not_dense():
+    layouts = [PackedLayout.pack([(8, 4, 4, 2), (1, 4, 4, 1), (4, 2, 2, 2)], 200),
+               PackedLayout.pack([(6, 2, 4, 2)], 64)]
+    batches = [Batch(torch.zeros(lay.total_tokens, 4, 1, 2, 2), lay, torch.zeros(lay.num_chunks, 2, 8),
+                     torch.ones(lay.num_chunks, 2, dtype=torch.bool), [], []) for lay in layouts]
+    want = sum(dense_block_causal_pairs(lay) for lay in layouts)
+    assert perf.masked_area(batches) == want
+    assert want < sum(lay.total_tokens ** 2 for lay in layouts)  # not N^2
+
+
+def test_step_flops_formula():
+    m = ModelConfig(num_layers=3, num_heads=4, head_dim=16)
+    # 6 * params * tokens + 12 * layers * head_dim * heads * area, by hand
+    assert perf.step_flops(1000, 50, 700, m) == 6 * 1000 * 50 + 12 * 3 * 16 * 4 * 700
+    assert perf.default_peak_flops(torch.device("cpu")) == perf.CPU_PEAK_FLOPS
+
+
+def test_cp_figures_and_stage_summary(tmp_path):
+    assert perf.cp_figures([]) == {}
+    fig = perf.cp_figures([PlanStats([30, 10], [4, 0], 1.5), PlanStats([10, 10], [2, 6], 1.0)])
+    assert fig["cp_area_per_rank"] == [40, 20] and fig["cp_remote_kv_tokens"] == [6, 6]
+    assert fig["cp_area_imbalance"] == pytest.approx(40 / 30) and fig["cp_remote_kv_tokens_max"] == 6
+
+    summary = perf.StageSummary(str(tmp_path), peak_total=1e6, enabled=True)
+    lines = []
+    for step in range(1, 6):
+        stage = "images" if step <= 2 else "long"
+        lines.append(summary.update({"step": step, "stage": stage, "step_time_s": 0.5, "tokens_per_s": 200.0,
+                                     "data_time_s": 0.1, "model_flops": 1e5, "data_skipped": step // 4,
+                                     **fig}))
+    lines.append(summary.finish())
+    assert lines[:2] == [None, None] and lines[3:5] == [None, None]
+    assert lines[2].startswith("stage 'images': 2 steps") and lines[5].startswith("stage 'long': 3 steps")
+    rows = read_jsonl(tmp_path / "stages.jsonl")
+    assert [(r["stage"], r["first_step"], r["steps"]) for r in rows] == [("images", 1, 2), ("long", 3, 3)]
+    assert rows[1]["tokens_per_s"] == pytest.approx(200.0) and rows[1]["data_time_frac"] == pytest.approx(0.2)
+    assert rows[1]["mfu"] == pytest.approx(1e5 / 0.5 / 1e6) and rows[1]["data_skipped"] == 1
+    assert rows[0]["cp_remote_kv_tokens_per_step"] == [6, 6]
+    # a resume at step 2 keeps the finished 'images' row, drops 'long' (its steps will be redone)
+    perf.StageSummary(str(tmp_path), 1e6, True, start_step=2)
+    assert [r["stage"] for r in read_jsonl(tmp_path / "stages.jsonl")] == ["images"]
+
+
+# --- the quick demo end to end (slow) ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    import numpy as np
+    from magitrain.data_pipeline.media import decode_video
+
+    from magitrain import demo
+
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "magitrain.demo", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900, check=False)
+    print(proc.stdout[-3000:])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = out / "run"
+    for label, path in (("run dir:", run_dir), ("TensorBoard:  tensorboard --logdir", run_dir / "tensorboard"),
+                        ("video:", out / "demo.mp4")):
+        assert f"{label}" in proc.stdout and str(path) in proc.stdout and path.exists()
+
+    # the mp4 decodes and is longer than any training clip
+    video = decode_video((out / "demo.mp4").read_bytes())
+    cfg = demo.demo_config(str(out), True, [])
+    longest = max(b[0] for st in cfg.data.curriculum for b in st.buckets) * demo.TEMPORAL_FACTOR
+    assert video.shape[0] == demo.GEN_CHUNKS * cfg.model.chunk_frames * demo.TEMPORAL_FACTOR > longest
+    assert tuple(video.shape[1:]) == (demo.PIXELS, demo.PIXELS, 3)
+    # the quality check passes on it (and fails on noise of the same shape: it can fail)
+    assert demo.check_quality(str(out / "demo.npy"), cfg.model.in_channels).passed
+    noise = tmp_path / "noise.npy"
+    np.save(noise, torch.randn(cfg.model.in_channels, 12, 8, 8).numpy())
+    assert not demo.check_quality(str(noise), cfg.model.in_channels).passed
+
+    # 3 curriculum stages, with the per-step figures of the dispatch plan and the MFU estimate
+    stages = read_jsonl(run_dir / "stages.jsonl")
+    assert [s["stage"] for s in stages] == ["images", "short", "long"]
+    assert sum(s["steps"] for s in stages) == cfg.train.steps
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert len(records) == cfg.train.steps
+    for key in ("tokens_per_s", "mfu", "attn_area", "cp_area_imbalance", "cp_remote_kv_tokens", "data_time_s",
+                "data_skipped"):
+        assert key in records[-1], key
+    assert len(records[-1]["cp_remote_kv_tokens"]) == cfg.parallel.cp
+    assert sum(records[-1]["cp_remote_kv_tokens"]) > 0  # long clips span both CP ranks: remote KV moves
