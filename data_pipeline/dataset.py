@@ -120,7 +120,7 @@ class PackedSequences(IterableDataset):
         packer: Packer = Packer(s.stage.seq_tokens, s.pack_bins)
         buffer: list[tuple[Ref, dict]] = []
         ready: list[list[tuple[Ref, Prepared]]] = []
-        self._restore(st, worker, num_workers, prepare, buffer, packer, ready)
+        self._restore(st, worker, num_workers, prepare, buffer, packer, ready, counters)
         self._live = (pos, counters, buffer, packer, ready)
         where = f"data rank {s.rank} worker {worker}"
 
@@ -214,13 +214,26 @@ class PackedSequences(IterableDataset):
             check_bad_fraction(counters["samples"], counters["skipped"], s.max_bad_fraction, s.bad_check_after, where)
 
     def _restore(self, st: dict, worker: int, num_workers: int, prepare: SamplePreparer,
-                 buffer: list, packer: Packer, ready: list) -> None:
-        """Re-read the samples the saved state refers to and rebuild buffer, bins and ready queue."""
+                 buffer: list, packer: Packer, ready: list, counters: dict) -> None:
+        """Re-read the samples the saved state refers to and rebuild buffer, bins and ready queue.
+
+        A sample that can no longer be read (its shard was damaged after the checkpoint) is
+        counted as skipped and left out, as it would have been had it been bad when first read.
+        """
         if not st:
             return
         refs = [tuple(r) for r in st["buffer"]]
         refs += [tuple(r) for b in st["bins"] + st["ready"] for r in b]
         raws = self._fetch(refs, worker, num_workers)
+        lost = {r for r in refs if r not in raws}
+        if lost:
+            counters["skipped"] += len(lost)
+            log.warning("data: %d sample(s) the checkpoint refers to are no longer readable; skipped", len(lost))
+            st = {"buffer": [r for r in st["buffer"] if tuple(r) not in lost],
+                  "bins": [[r for r in b if tuple(r) not in lost] for b in st["bins"]],
+                  "ready": [[r for r in seq if tuple(r) not in lost] for seq in st["ready"]]}
+            st["bins"] = [b for b in st["bins"] if b]
+            st["ready"] = [seq for seq in st["ready"] if seq]
 
         def prep(r) -> tuple[Ref, Prepared]:
             r = tuple(r)
@@ -235,7 +248,9 @@ class PackedSequences(IterableDataset):
         ready.extend([prep(r) for r in seq] for seq in st["ready"])
 
     def _fetch(self, refs: list[Ref], worker: int, num_workers: int) -> dict:
-        """Raw samples by reference, reading each shard involved once, up to its last needed sample."""
+        """Raw samples by reference, reading each shard involved once, up to its last needed sample.
+
+        References a shard no longer holds are missing from the result (and logged)."""
         by_shard: dict[tuple[int, int], set[int]] = {}
         for e, i, j in refs:
             by_shard.setdefault((e, i), set()).add(j)
@@ -250,6 +265,5 @@ class PackedSequences(IterableDataset):
                     break
             missing = wanted - {j for (ee, ii, j) in out if (ee, ii) == (e, i)}
             if missing:
-                raise ValueError(f"cannot resume: shard {url} no longer holds samples {sorted(missing)} "
-                                 "that the checkpoint refers to (the shards changed since it was written)")
+                log.warning("data: resume: shard=%s no longer holds samples %s", url, sorted(missing))
         return out

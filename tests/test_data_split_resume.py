@@ -4,6 +4,7 @@ resume with StatefulDataLoader and 2 workers (bitwise equal batches after a rest
 from __future__ import annotations
 
 import io
+import os
 from collections import Counter
 
 import torch
@@ -66,3 +67,19 @@ def test_resume_gives_the_uninterrupted_batches_bitwise(tmp_path):
     assert resumed_src.stats()["data_samples"] > 0
     # the stream really moves on (not the same batch repeated)
     assert not _same(full[k], full[k + 1])
+
+
+def test_resume_after_shards_were_damaged_skips_the_lost_samples(tmp_path):
+    """Shards truncated between runs: samples the checkpoint refers to that are gone count as
+    skips and the resumed stream goes on (no error)."""
+    paths = write_latent_shards(str(tmp_path), _shapes(4, 7))
+    cfg = tiny_cfg(str(tmp_path), "data.num_workers=0", "data.seq_tokens=24", "data.batch_size=2",
+                   "data.shuffle_buffer=6", "data.pack_bins=3", "data.max_bad_fraction=0.9")
+    src, _ = _run(cfg, 3)
+    state = src.state_dict()
+    src.close()
+    for p in paths:  # cut every shard in half: buffered samples of the checkpoint are lost
+        os.truncate(p, os.path.getsize(p) // 2)
+    resumed_src, resumed = _run(cfg, 4, state)
+    assert len(resumed) == 4
+    assert resumed_src.stats()["data_skipped"] > 0
