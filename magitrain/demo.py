@@ -39,7 +39,7 @@ TEMPORAL_FACTOR = 4  # PatchEncoder: pixel frames per latent frame
 SHARDS = 4  # at least dp x max(1, data.num_workers)
 FPS = 8
 QUICK_STEPS = 90
-GEN_CHUNKS = 6  # 12 latent = 48 pixel frames, longer than the longest training clip (32)
+GEN_CHUNKS = 8  # 16 latent = 64 pixel frames: twice the longest training clip (32)
 HELD_OUT_SEED = 10**6  # reference clips for the quality check: seeds the media never use
 # known, harmless warnings of torch 2.13 that would otherwise repeat on every rank
 QUIET_WARNINGS = "ignore:FSDP2-wrapped module:UserWarning,ignore:Slicing a flattened dim:UserWarning"
