@@ -184,12 +184,13 @@ def _uninline_tensors(tree):
     return tree
 
 
-def _read_json(path: str):
+def read_json(path: str, error: type[Exception] = None):
+    """A JSON file, or ``error`` (default :class:`CheckpointError`) naming the path."""
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
+        raise (error or CheckpointError)(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
 
 
 def _write_json(path: str, obj) -> None:
@@ -412,7 +413,7 @@ class Checkpointer:
         ``per_rank`` objects get this rank's saved state, or rank 0's if the world size changed
         (exact for the synthetic source and for RNG streams that only seed non-data work)."""
         rank, world = _dist()
-        saved = _read_json(os.path.join(path, STATE_JSON))
+        saved = read_json(os.path.join(path, STATE_JSON))
         template = _as_tree(state)
         for name in template:
             if name not in saved["state"]:
@@ -424,7 +425,7 @@ class Checkpointer:
             obj.load_state_dict(tree[name])
         if per_rank:
             same = int(saved.get("world_size", 1)) == world
-            mine = _uninline_tensors(_read_json(os.path.join(path, f"rank_{rank if same else 0:05d}.json")))
+            mine = _uninline_tensors(read_json(os.path.join(path, f"rank_{rank if same else 0:05d}.json")))
             for name, obj in per_rank.items():
                 if name not in mine:
                     raise CheckpointError(f"{path}: checkpoint has no per-rank '{name}' state")
@@ -438,7 +439,7 @@ class Checkpointer:
             return _load_legacy(path, map_location)
         if not os.path.exists(os.path.join(path, STATE_JSON)):
             raise CheckpointError(f"{path}: no {STATE_JSON} (not a checkpoint folder)")
-        saved = _read_json(os.path.join(path, STATE_JSON))
+        saved = read_json(os.path.join(path, STATE_JSON))
         metadata = SafeFileSystemReader(os.path.join(path, TENSORS)).read_metadata()
         tensors = {}
         for key, md in metadata.state_dict_metadata.items():
@@ -449,7 +450,7 @@ class Checkpointer:
         out = merge_tree(saved["state"], None, (), tensors)
         rank0 = os.path.join(path, "rank_00000.json")
         if os.path.exists(rank0):
-            out["rank"] = _uninline_tensors(_read_json(rank0))
+            out["rank"] = _uninline_tensors(read_json(rank0))
         return out
 
     @staticmethod

@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import torch
 
-from magitrain.checkpoint import Checkpointer, CheckpointError
+from magitrain.checkpoint import Checkpointer, CheckpointError, read_json
 from magitrain.config import ConfigError, save_config, to_yaml
 from magitrain.weights import (
     IMPORTED,
@@ -52,7 +52,6 @@ from magitrain.weights import (
     TensorInfo,
     WeightsError,
     WeightSource,
-    _read_json,
     check_keys,
     config_from_file,
     expected_shapes,
@@ -304,12 +303,12 @@ def verify(path: str, config: str | None = None, log: Callable[[str], None] = pr
         raise WeightsError(f"{path}: mixed float dtypes {sorted(map(str, float_dtypes))}")
     magi1 = os.path.join(path, MAGI1_CONFIG)
     if os.path.exists(magi1) and float_dtypes:
-        declared = _read_json(magi1)["model_config"].get("params_dtype")
+        declared = read_json(magi1, WeightsError)["model_config"].get("params_dtype")
         if declared and declared != str(next(iter(float_dtypes))):
             raise WeightsError(f"{magi1}: params_dtype {declared}, but the tensors are {next(iter(float_dtypes))}")
     stored = {}
     if os.path.exists(os.path.join(path, INDEX)):
-        stored = (_read_json(os.path.join(path, INDEX)).get("metadata") or {}).get("sha256") or {}
+        stored = (read_json(os.path.join(path, INDEX), WeightsError).get("metadata") or {}).get("sha256") or {}
     bad, nonfinite = [], []
     for name, t in src.items():
         digest = tensor_sha256(t)

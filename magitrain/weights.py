@@ -42,6 +42,7 @@ from magitrain.checkpoint import (
     Checkpointer,
     CheckpointError,
     SafeFileSystemReader,
+    read_json,
 )
 from magitrain.config import Config, ModelConfig, config_from_yaml_text
 
@@ -288,13 +289,13 @@ class DCPSource(WeightSource):
 
         self._dcp = dcp
         self.path = path
-        saved = _read_json(os.path.join(path, STATE_JSON))["state"]
+        saved = read_json(os.path.join(path, STATE_JSON), WeightsError)["state"]
         self.which, tree = _pick_weights(saved, path, ema, shadow=lambda s: s.get("shadow"))
         self.config = _checkpoint_config(path)
         self.trainer = saved.get("trainer") or {}
         self.step = int(self.trainer["step"]) if "step" in self.trainer else _marker_step(path)
         imported = os.path.join(path, IMPORTED)
-        self.imported_from = _read_json(imported).get("source") if os.path.exists(imported) else None
+        self.imported_from = read_json(imported, WeightsError).get("source") if os.path.exists(imported) else None
         self._reader = _CachedReader(os.path.join(path, TENSORS))
         metadata = self._reader.read_metadata().state_dict_metadata
         self._keys, self.info = {}, {}
@@ -354,7 +355,7 @@ class SafetensorsSource(WeightSource):
                 self._where[name], self.info[name] = file, info
         index = os.path.join(path, INDEX)
         if os.path.exists(index):
-            weight_map = _read_json(index).get("weight_map", {})
+            weight_map = read_json(index, WeightsError).get("weight_map", {})
             named = {k: self._where[k].path for k in self._where}
             unlisted = set(named) - set(weight_map)
             if unlisted:
@@ -381,7 +382,7 @@ def _release_files(path: str) -> dict[str, SafetensorsFile]:
     """The shard files of a release folder, by name (index order), each header-checked."""
     index = os.path.join(path, INDEX)
     if os.path.exists(index):
-        doc = _read_json(index)
+        doc = read_json(index, WeightsError)
         if not isinstance(doc.get("weight_map"), dict) or not doc["weight_map"]:
             raise WeightsError(f"{index}: no weight_map")
         names = list(dict.fromkeys(doc["weight_map"].values()))
@@ -425,14 +426,6 @@ def _marker_step(path: str) -> int | None:
         return Checkpointer.step_of(path)
     except (OSError, ValueError, KeyError):
         return None
-
-
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
 
 
 def _reason(e: BaseException) -> str:
@@ -499,7 +492,7 @@ def config_from_file(path: str) -> Config:
     if path.endswith((".yaml", ".yml")):
         with open(path) as f:
             return config_from_yaml_text(f.read())
-    return Config(model=model_config_from_json(_read_json(path), path))
+    return Config(model=model_config_from_json(read_json(path, WeightsError), path))
 
 
 def release_config(path: str) -> Config:
