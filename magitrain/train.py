@@ -30,8 +30,9 @@ from magitrain.ema import EMA
 from magitrain.metrics import MetricsLogger
 from magitrain.model import MagiDiT
 from magitrain.parallel.context_parallel import take_plan_stats
+from magitrain.parallel.deepspeed_engine import EngineModelState, EngineOptimizerState, is_engine, unwrap
 from magitrain.parallel.mesh import ParallelEnv, RankLostError, init_parallel, report_lost_ranks
-from magitrain.parallel.parallelize import clip_grad_norm_, parallelize_model
+from magitrain.parallel.parallelize import attach_optimizer, clip_grad_norm_, parallelize_model
 from magitrain.weights import resolve_init
 
 
@@ -171,13 +172,16 @@ def train(cfg: Config) -> dict:
     objective = build_objective(cfg, env)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    ema = EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    model, optimizer = attach_optimizer(model, optimizer, env, cfg)  # deepspeed: its engine steps
+    ema = EMA(unwrap(model), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     data = build_data_source(cfg, env.dp_rank, env.dp)
     state = TrainState()
     ckpt = Checkpointer(cfg.run.dir, cfg.ckpt.keep_last, async_save=cfg.ckpt.async_save)
 
     def stateful() -> dict:  # the same on every rank (tensors sharded as the model is)
-        return {"model": ModelState(model), "optim": OptimizerState(model, optimizer), "sched": scheduler,
+        model_state, optim_state = ((EngineModelState(model), EngineOptimizerState(model, optimizer))
+                                    if is_engine(model) else (ModelState(model), OptimizerState(model, optimizer)))
+        return {"model": model_state, "optim": optim_state, "sched": scheduler,
                 "trainer": state, **({"ema": ema} if ema is not None else {})}
 
     def per_rank() -> dict:
@@ -212,7 +216,7 @@ def train(cfg: Config) -> dict:
             if out["finite"]:
                 scheduler.step()
                 if ema is not None:
-                    ema.update(model)
+                    ema.update(unwrap(model))
                 state.bad_steps_in_row = 0
             else:
                 state.bad_steps_in_row += 1

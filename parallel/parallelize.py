@@ -22,6 +22,7 @@ from magitrain.config import Config, ConfigError
 from .activation_checkpoint import apply_activation_checkpointing
 from .context_parallel import apply_context_parallel
 from .data_parallel import apply_fsdp, clip_grad_norm_ as _clip_sharded, mixed_precision_policy
+from .deepspeed_engine import grad_norm as ds_grad_norm, is_engine
 from .mesh import ParallelEnv
 from .tensor_parallel import apply_tensor_parallel
 
@@ -29,18 +30,33 @@ from .tensor_parallel import apply_tensor_parallel
 def parallelize_model(model: nn.Module, env: ParallelEnv, cfg: Config) -> nn.Module:
     """Return the model ready for this process's place in the mesh (the same object, changed in place)."""
     p = cfg.parallel
-    if p.dp_engine != "fsdp2" and env.world_size > 1:
-        raise ConfigError(f"parallel.dp_engine={p.dp_engine} is not available in this build; use fsdp2")
+    if p.dp_engine not in ("fsdp2", "deepspeed") and env.world_size > 1:
+        raise ConfigError(f"parallel.dp_engine={p.dp_engine} is not available in this build; use fsdp2 or deepspeed")
     if env.tp > 1:
         apply_tensor_parallel(model, env.submesh("tp"))
     if env.cp > 1:
         apply_context_parallel(model, env.submesh("cp"), p.cp_chunk_size, p.cp_solver, p.overlap_stages)
     apply_activation_checkpointing(model, p.activation_checkpointing, p.ac_every)
-    if env.dp * env.cp > 1:
+    if env.dp * env.cp > 1 and p.dp_engine == "fsdp2":  # deepspeed: attach_optimizer, once the optimizer exists
         apply_fsdp(model, env.submesh("dp_cp"), mixed_precision_policy(env.device, cfg.train.dtype))
     return model
 
 
+def attach_optimizer(model: nn.Module, optimizer, env: ParallelEnv, cfg: Config):
+    """``(model, optimizer)`` the loop trains with: unchanged, or with ``parallel.dp_engine=deepspeed``
+    and dp > 1 a DeepSpeed ZeRO engine and its optimizer (:mod:`.deepspeed_engine`)."""
+    if cfg.parallel.dp_engine != "deepspeed" or env.world_size == 1:
+        return model, optimizer
+    from .deepspeed_engine import apply_deepspeed
+
+    return apply_deepspeed(model, optimizer, env, cfg)
+
+
 def clip_grad_norm_(model: nn.Module, max_norm: float, env: ParallelEnv) -> float:
-    """Clip the (possibly sharded) gradients of ``model`` to ``max_norm``; the norm before clipping."""
+    """Clip the (possibly sharded) gradients of ``model`` to ``max_norm``; the norm before clipping.
+
+    A DeepSpeed engine clips inside its ``step()`` (``gradient_clipping``); here only its norm is read.
+    """
+    if is_engine(model):
+        return ds_grad_norm(model)
     return _clip_sharded(model.parameters(), max_norm, env.world_size)
