@@ -22,6 +22,11 @@ reference that, at every evaluation, runs ``[all finished chunks at clean_t | wi
 under the block-causal mask (with ``max_context_chunks = K``: every chunk sees at most the
 ``K`` finished chunks before the window, or before itself for a finished chunk).
 
+Without the KV cache (``kv_cache=False``, a diagnostic), every evaluation runs ``[finished
+context chunks at clean_t | window chunks]`` through the model under the block-causal mask, as
+that reference does (with ``max_context_chunks = K``: the last ``K`` finished chunks, re-encoded
+together, so a context chunk sees only those before it in the window of ``K``).
+
 Chunk noise is drawn from a generator seeded by ``(seed, chunk index)`` and a chunk never sees
 later chunks, so the first ``k`` chunks of a long request equal a request of ``k`` chunks.
 
@@ -58,6 +63,7 @@ class SamplerConfig:
     clean_t: float = 1.0  # t of finished chunks when their K/V are cached (the training clean_t)
     max_context_chunks: Optional[int] = None  # sliding context: finished chunks kept in the cache
     seed: int = 0
+    kv_cache: bool = True  # False: every evaluation re-encodes the finished context chunks (slow; a check)
 
     def validate(self) -> None:
         if self.steps < 1 or self.window < 1:
@@ -130,6 +136,7 @@ class ChunkSampler:
             raise ValueError(f"the video has {self.num_chunks} chunks, all covered by the "
                              f"{self.prefix_chunks}-chunk prefix: nothing to generate")
         self.cache = KVCache(mc.num_layers, cfg.max_context_chunks)
+        self.context: list[tuple[int, torch.Tensor]] = []  # (chunk, tokens) finished, when kv_cache=False
         self.evaluations = 0  # model forwards of the window (all CFG passes counted)
 
     # --- public -----------------------------------------------------------------------------
@@ -191,25 +198,41 @@ class ChunkSampler:
         step about to be taken, a distilled model's condition)."""
         idx = [a.index for a in active]
         frames = self.grid[0]
-        layout = PackedLayout.pack([(len(idx) * frames, self.grid[1], self.grid[2], frames)],
-                                   frame_offsets=[idx[0] * frames])
-        emb, mask = self.text_emb[idx], self.text_mask[idx]
-        null = torch.ones(len(idx), dtype=torch.bool, device=self.device)
+        ctx = [] if self.cfg.kv_cache else self.context  # re-encoded context chunks (cache-free mode)
+        first = ctx[0][0] if ctx else idx[0]
+        layout = PackedLayout.pack([((len(ctx) + len(idx)) * frames, self.grid[1], self.grid[2], frames)],
+                                   frame_offsets=[first * frames])
+        chunks = [c for c, _ in ctx] + idx
+        emb, mask = self.text_emb[chunks], self.text_mask[chunks]
+        if ctx:
+            x = torch.cat([tokens for _, tokens in ctx] + [x])
+            t = torch.cat([torch.full((len(ctx),), self.cfg.clean_t, device=self.device, dtype=t.dtype), t])
+            if step is not None:
+                step = torch.cat([torch.zeros(len(ctx), device=self.device, dtype=step.dtype), step])
+        window = slice(len(ctx) * self.chunk_shape[0], None)
+        null = torch.cat([torch.zeros(len(ctx), dtype=torch.bool, device=self.device),
+                          torch.ones(len(idx), dtype=torch.bool, device=self.device)])
         passes = self.cfg.passes
-        self.cache.mode = READ
-        v_full = self.model(x, t, emb, mask, layout, **self._step_size(step))
-        v_no_text = self.model(x, t, emb, mask, layout, text_null=null) if passes >= 2 else None
+        self.cache.mode = READ if self.cfg.kv_cache else OFF
+        v_full = self.model(x, t, emb, mask, layout, **self._step_size(step))[window]
+        v_no_text = self.model(x, t, emb, mask, layout, text_null=null)[window] if passes >= 2 else None
         v_uncond = None
         if passes == 3:
             self.cache.mode = OFF
             v_uncond = self.model(x, t, emb, mask, layout, text_null=null,
-                                  drop_history=torch.ones(1, dtype=torch.bool, device=self.device))
-            self.cache.mode = READ
+                                  drop_history=torch.ones(1, dtype=torch.bool, device=self.device))[window]
+        self.cache.mode = READ
         self.evaluations += passes
         return guided_velocity(v_full, v_no_text, v_uncond, self.cfg.history_scale or 1.0, self.cfg.cfg_scale)
 
     def _write_context(self, index: int, x: torch.Tensor) -> None:
-        """One forward of a finished chunk at ``clean_t`` (its own caption) that appends its K/V."""
+        """One forward of a finished chunk at ``clean_t`` (its own caption) that appends its K/V
+        (without the cache: the chunk joins the re-encoded context)."""
+        if not self.cfg.kv_cache:
+            self.context.append((index, x))
+            if self.cfg.max_context_chunks is not None:
+                self.context = self.context[-self.cfg.max_context_chunks:]
+            return
         frames = self.grid[0]
         layout = PackedLayout.pack([(frames, self.grid[1], self.grid[2], frames)], frame_offsets=[index * frames])
         t = torch.full((1,), self.cfg.clean_t, device=self.device)
