@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--out", required=True, help="output mp4; the latents go to OUT with .npy")
+    p.add_argument("--contact-sheet", help="also write a PNG of every chunk's frames (one row per chunk) here")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="re-encode the finished context at every evaluation instead of caching its K/V (a check)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -294,7 +297,8 @@ def run(args: argparse.Namespace) -> dict:
     sampler_cfg = SamplerConfig(steps=steps or 32, window=args.window, solver=args.solver,
                                 shift=3.0 if shift is None else shift,
                                 cfg_scale=args.cfg_scale, history_scale=args.history_scale,
-                                clean_t=cfg.diffusion.clean_t, max_context_chunks=args.max_context, seed=args.seed)
+                                clean_t=cfg.diffusion.clean_t, max_context_chunks=args.max_context, seed=args.seed,
+                                kv_cache=not args.no_kv_cache)
     sampler = ChunkSampler(model, emb, mask, height, width, sampler_cfg, prefix)
 
     chunk_frames = m.chunk_frames * m.t_patch_size
@@ -303,16 +307,25 @@ def run(args: argparse.Namespace) -> dict:
     latents = np.lib.format.open_memmap(latents_path, mode="w+", dtype=np.float32,
                                         shape=(sampler.channels, args.chunks * chunk_frames, height, width))
     video = Mp4Stream(args.out, args.fps)
+    sheet_rows = []
     try:
         for i, chunk in enumerate(tqdm(sampler.stream(), total=args.chunks, unit="chunk", disable=args.quiet)):
             chunk = chunk.float().cpu()
             latents[:, i * chunk_frames:(i + 1) * chunk_frames] = chunk.numpy()
-            video.write(decoder.decode(chunk))
+            frames = decoder.decode(chunk)
+            video.write(frames)
+            if args.contact_sheet:
+                sheet_rows.append(frames)
     finally:
         video.close()
         latents.flush()
-    return {"video": args.out, "latents": latents_path, "chunks": args.chunks, "frames": video.frames,
-            "evaluations": sampler.evaluations}
+    summary = {"video": args.out, "latents": latents_path, "chunks": args.chunks, "frames": video.frames,
+               "evaluations": sampler.evaluations}
+    if args.contact_sheet:
+        from magitrain.contact_sheet import write_contact_sheet
+
+        summary["contact_sheet"] = write_contact_sheet(args.contact_sheet, sheet_rows)
+    return summary
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -323,7 +336,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {summary['video']} ({summary['frames']} frames, {summary['chunks']} chunks) "
-          f"and {summary['latents']}")
+          f"and {summary['latents']}" + (f"; contact sheet {summary['contact_sheet']}" if "contact_sheet" in summary
+                                         else ""))
     return 0
 
 

@@ -30,17 +30,19 @@ def color_vector(color: str, channels: int) -> torch.Tensor:
     return torch.randn(channels, generator=code).sign()
 
 
-def render_shape_video(frames: int, height: int, width: int, channels: int,
-                       gen: torch.Generator) -> tuple[torch.Tensor, str]:
+def render_shape_video(frames: int, height: int, width: int, channels: int, gen: torch.Generator,
+                       color: str | None = None, shape: str | None = None, motion: str | None = None,
+                       grows: bool | None = None) -> tuple[torch.Tensor, str]:
     """One clip ``[channels, frames, height, width]`` in [-1, 1] and its caption.
 
     A shape of one colour moves in one direction at a steady speed over a dark background
     (and grows or shrinks). Everything about the clip is stated in the caption, so a model
-    can learn to follow it.
+    can learn to follow it. ``color``, ``shape``, ``motion``, ``grows`` fix those choices (the
+    generator draws them all the same, so the rest of the clip does not depend on what is fixed).
     """
     pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=gen))]  # noqa: E731
-    color, shape, motion = pick(COLORS), pick(SHAPES), pick(list(MOTIONS))
-    grows = bool(torch.randint(2, (1,), generator=gen))
+    drawn = pick(COLORS), pick(SHAPES), pick(list(MOTIONS)), bool(torch.randint(2, (1,), generator=gen))
+    color, shape, motion, grows = (d if v is None else v for v, d in zip((color, shape, motion, grows), drawn))
     dy, dx = MOTIONS[motion]
     speed = max(height, width) / max(frames, 1) * 0.5
     cy, cx = (torch.rand(2, generator=gen) * 0.5 + 0.25).tolist()
