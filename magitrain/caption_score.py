@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from magitrain.synthetic import MOTIONS, RGB
+from magitrain.synthetic import RGB
 
 CAPTION_RE = re.compile(r"^a (\w+) (\w+) moving (left|right|up|down), (growing|shrinking)$")
 

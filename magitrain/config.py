@@ -157,6 +157,7 @@ class TrainConfig:
     grad_accum: int = 1
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    stop_at: int = 0  # > 0: save and exit after this step; the lr schedule still spans train.steps (resume to go on)
 
 
 @dataclass
@@ -281,6 +282,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"data.seq_tokens={d.seq_tokens} is shorter than parallel.cp={p.cp} chunks of "
                           f"parallel.cp_chunk_size={p.cp_chunk_size}")
     _positive("train.steps", cfg.train.steps, zero_ok=True)
+    if not 0 <= cfg.train.stop_at <= cfg.train.steps:
+        raise ConfigError(f"train.stop_at={cfg.train.stop_at} must be in [0, train.steps={cfg.train.steps}]")
     _choice("train.dtype", cfg.train.dtype, ("fp32", "bf16"))
     _positive("ckpt.every", cfg.ckpt.every, zero_ok=True)
     _positive("ckpt.keep_last", cfg.ckpt.keep_last)

@@ -1,22 +1,29 @@
-"""``magitrain demo``: procedural clips -> WebDataset shards -> 4-rank curriculum training -> a streamed mp4.
+"""``magitrain demo``: procedural clips -> WebDataset shards -> 4-rank curriculum training over all three
+parallel axes -> streamed videos scored against their captions.
 
     magitrain demo [--out runs/demo] [--quick] [key.sub=value ...]
 
 1. **media**: procedural clips (``synthetic.render_shape_video``: a coloured shape moving and
-   growing or shrinking, as its caption says; 64x64 pixels, 32 frames) as ``.mp4`` + ``.txt``;
+   growing or shrinking, as its caption says; 64x64 pixels, 32 frames) as ``.mp4`` + ``.txt``.
+   Some (colour, direction) pairs (``HELD_OUT``) never occur in them: the model has seen each
+   colour and each direction, never those together.
 2. **shards**: ``build_shards`` turns them into WebDataset shards of PatchEncoder latents
-   ``[4, 8, 8, 8]`` and hash caption embeddings;
-3. **training**: ``torch.distributed.run`` starts 4 local ranks (NCCL when 4 GPUs are visible,
-   gloo on CPU otherwise) that train ``configs/demo.yaml``: dp=2 x cp=2 (context-parallel
-   MagiAttention on the packed block-causal masks, FSDP2 over the 4 ranks), a 3-stage curriculum
-   (images -> short low-res clips -> longer clips), checkpoints;
-4. **generation**: the EMA weights stream a video longer than any training clip chunk by chunk
-   (``magitrain.generate``: KV-cached pipelined sampler) into an mp4, and
-   ``generate.quality_check`` compares it with held-out clips.
+   ``[4, 8, 8, 8]`` and hash caption embeddings.
+3. **training**, on 4 local ranks (NCCL when 4 GPUs are visible, gloo on CPU otherwise), a
+   3-stage curriculum (images -> short low-res clips -> longer clips) in two launches: the images
+   and short clips (one or two chunks: nothing for context parallelism to split) on dp=2 x tp=2
+   (tensor-parallel heads and MLP), then the long clips resumed from that checkpoint, resharded by
+   DCP, on dp=2 x cp=2 (context-parallel MagiAttention on the packed block-causal masks). FSDP2
+   shards parameters over the data-parallel ranks in both.
+4. **generation and scoring**: the EMA weights stream the demo caption's video (longer than any
+   training clip) chunk by chunk into ``demo.mp4`` + a contact sheet ``demo.png``, and a video for
+   each caption of ``SEEN_CAPTIONS`` and ``HELD_OUT_CAPTIONS``; :mod:`magitrain.caption_score`
+   reads each frame's object, colour, motion and size back and scores them against the caption.
 
 Everything lands under ``--out``: ``media/``, ``shards/``, ``run/`` (config, metrics.jsonl,
-stages.jsonl, TensorBoard, checkpoints), ``demo.mp4`` and its latents ``demo.npy``.
-Exit code: 0 done, 1 training failed, 2 bad arguments/config, 3 the quality check failed.
+stages.jsonl, TensorBoard, checkpoints), ``demo.mp4`` / ``demo.npy`` / ``demo.png``, ``eval/`` (one
+mp4 + contact sheet per scored caption) and ``scores.json``.
+Exit code: 0 done, 1 training failed, 2 bad arguments/config, 3 the caption-following check failed.
 """
 
 from __future__ import annotations
@@ -33,14 +40,32 @@ import torch
 from magitrain.config import Config, ConfigError, load_config, save_config
 from magitrain.configs import config_path
 
-WORLD = 4  # local ranks: dp x cp of configs/demo.yaml
+WORLD = 4  # local ranks
 PIXELS, FRAMES = 64, 32  # media size: PatchEncoder latents of 8x8, 8 latent frames
 TEMPORAL_FACTOR = 4  # PatchEncoder: pixel frames per latent frame
 SHARDS = 4  # at least dp x max(1, data.num_workers)
 FPS = 8
-QUICK_STEPS = 90
-GEN_CHUNKS = 8  # 16 latent = 64 pixel frames: twice the longest training clip (32)
-HELD_OUT_SEED = 10**6  # reference clips for the quality check: seeds the media never use
+VIDEOS, QUICK_VIDEOS = 256, 128
+QUICK_SCALE = 0.4  # --quick: this share of the curriculum's steps
+GEN_CHUNKS = 8  # demo.mp4: 16 latent = 64 pixel frames, twice the longest training clip (32)
+EVAL_CHUNKS = 4  # each scored caption: 32 frames
+GEN_STEPS = 32
+DEMO_CFG_SCALE = 3.0  # text guidance of the demo's samples (see docs/design.md, "A demo that works")
+# (colour, direction) pairs no training clip shows; every colour and direction is seen otherwise
+HELD_OUT = {("red", "left"), ("green", "down"), ("blue", "up"), ("purple", "right")}
+SEEN_CAPTIONS = [
+    "a red square moving right, growing", "a green disk moving left, shrinking",
+    "a blue bar moving down, growing", "a yellow square moving up, shrinking",
+    "a white disk moving right, shrinking", "a purple bar moving left, growing",
+    "a yellow disk moving down, growing", "a white square moving up, growing",
+]
+HELD_OUT_CAPTIONS = [
+    "a red disk moving left, growing", "a green square moving down, shrinking",
+    "a blue disk moving up, growing", "a purple square moving right, shrinking",
+]
+# pass marks of the caption-following check (issue 13), and the lower ones of the --quick smoke run
+THRESHOLDS = {"object_present": 0.9, "colour": 0.9, "motion": 0.75, "size_trend": 0.65, "held_out_motion": 0.6}
+QUICK_THRESHOLDS = {"object_present": 0.5, "colour": 0.5, "motion": 0.4, "size_trend": 0.0, "held_out_motion": 0.0}
 # known, harmless warnings of torch 2.13 that would otherwise repeat on every rank
 QUIET_WARNINGS = "ignore:FSDP2-wrapped module:UserWarning,ignore:Slicing a flattened dim:UserWarning"
 
@@ -61,24 +86,37 @@ class Progress:
 
 # --- 1. media ---------------------------------------------------------------------------------
 
-def demo_clip(seed: int) -> tuple[torch.Tensor, str]:
-    """One procedural clip: uint8 ``[FRAMES, PIXELS, PIXELS, 3]`` and its caption."""
+def demo_clip(seed: int, **fixed) -> tuple[torch.Tensor, str]:
+    """One procedural clip: uint8 ``[FRAMES, PIXELS, PIXELS, 3]`` and its caption (``fixed``: the
+    renderer's colour/shape/motion/grows choices)."""
     from magitrain.synthetic import render_shape_video
 
-    video, caption = render_shape_video(FRAMES, PIXELS, PIXELS, 3, torch.Generator().manual_seed(seed))
+    video, caption = render_shape_video(FRAMES, PIXELS, PIXELS, 3, torch.Generator().manual_seed(seed), **fixed)
     return ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), caption
 
 
+def is_held_out(caption: str) -> bool:
+    from magitrain.caption_score import Caption
+
+    c = Caption.parse(caption)
+    return (c.colour, c.direction) in HELD_OUT
+
+
 def make_media(folder: str, count: int) -> list[str]:
-    """``count`` clips ``clip_NNNN.mp4`` (seeds ``0..count-1``) with captions ``clip_NNNN.txt``."""
+    """``count`` clips ``clip_NNNN.mp4`` with captions ``clip_NNNN.txt``: seeds ``0, 1, ...``, skipping
+    the seeds whose clip shows a held-out (colour, direction) pair."""
     from magitrain.data_pipeline.media import write_mp4
 
     os.makedirs(folder, exist_ok=True)
-    captions = []
-    for i in range(count):
-        frames, caption = demo_clip(i)
-        write_mp4(os.path.join(folder, f"clip_{i:04d}.mp4"), frames, fps=FPS)
-        with open(os.path.join(folder, f"clip_{i:04d}.txt"), "w") as f:
+    captions, seed = [], 0
+    while len(captions) < count:
+        frames, caption = demo_clip(seed)
+        seed += 1
+        if is_held_out(caption):
+            continue
+        name = os.path.join(folder, f"clip_{len(captions):04d}")
+        write_mp4(name + ".mp4", frames, fps=FPS)
+        with open(name + ".txt", "w") as f:
             f.write(caption + "\n")
         captions.append(caption)
     return captions
@@ -104,37 +142,52 @@ def build_shards(media: str, out: str, cfg: Config, count: int, shards: int = SH
 
 def demo_config(out: str, quick: bool, overrides: list[str]) -> Config:
     """``configs/demo.yaml`` with the demo's paths; ``--quick`` scales the curriculum to
-    ``QUICK_STEPS`` steps (stage boundaries keep their proportions) unless train.steps is given."""
+    ``QUICK_SCALE`` of its steps (stage boundaries keep their proportions) unless train.steps is given."""
     base = [f"run.dir={os.path.join(out, 'run')}", f"data.shards={os.path.join(out, 'shards')}"]
     cfg = load_config(config_path("demo.yaml"), base + overrides, world_size=WORLD)
     if quick and not any(o.startswith("train.steps=") for o in overrides):
-        scale = QUICK_STEPS / cfg.train.steps
         for st in cfg.data.curriculum:
-            st.until_step = max(1, round(st.until_step * scale)) if st.until_step else 0
-        cfg.train.steps = QUICK_STEPS
-        cfg.ckpt.every = QUICK_STEPS // 2
+            st.until_step = max(1, round(st.until_step * QUICK_SCALE)) if st.until_step else 0
+        cfg.train.steps = round(cfg.train.steps * QUICK_SCALE)
+        cfg.optim.warmup_steps = max(1, round(cfg.optim.warmup_steps * QUICK_SCALE))
     return cfg
 
 
-def launch_command(config_file: str) -> list[str]:
+def training_phases(cfg: Config) -> list[tuple[str, list[str]]]:
+    """The two launches: ``(description, overrides)``. The first trains the stages before the last
+    one (images, short clips) on dp=2 x tp=2; the second resumes it on dp=2 x cp=2 for the rest."""
+    split = cfg.data.curriculum[-2].until_step if len(cfg.data.curriculum) > 1 else 0
+    tp_layout = ["parallel.dp=2", "parallel.cp=1", "parallel.tp=2"]
+    cp_layout = ["parallel.dp=2", "parallel.cp=2", "parallel.tp=1"]
+    if not 0 < split < cfg.train.steps:
+        return [(f"steps 1-{cfg.train.steps} on dp=2 x cp=2", cp_layout)]
+    names = " -> ".join(s.name for s in cfg.data.curriculum[:-1])
+    return [(f"{names}: steps 1-{split} on dp=2 x tp=2", tp_layout + [f"train.stop_at={split}"]),
+            (f"{cfg.data.curriculum[-1].name}: steps {split + 1}-{cfg.train.steps} resumed (resharded) on "
+             f"dp=2 x cp=2", cp_layout + ["ckpt.resume=auto"])]
+
+
+def launch_command(config_file: str, overrides: list[str]) -> list[str]:
     """torchrun with ``WORLD`` local ranks; with fewer GPUs than ranks the ranks run on CPU (gloo)."""
     extra = [] if torch.cuda.device_count() >= WORLD else ["parallel.backend=gloo"]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-            "-m", "magitrain.train", "--config", config_file, *extra]
+            "-m", "magitrain.train", "--config", config_file, *extra, *overrides]
 
 
 def run_training(cfg: Config, progress: Progress) -> None:
-    """Save the resolved config next to the run and train it on ``WORLD`` local ranks; the ranks'
+    """Save the resolved config next to the run and train it in :func:`training_phases`; the ranks'
     output (rank 0's progress bar and stage summaries) goes straight to this terminal."""
     config_file = os.path.join(os.path.dirname(cfg.run.dir), "demo_config.yaml")
     save_config(cfg, config_file)
-    cmd = launch_command(config_file)
-    progress.say("$ python " + " ".join(cmd[1:]))
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", QUIET_WARNINGS), PYTHONUNBUFFERED="1")
-    rc = subprocess.call(cmd, env=env)
-    if rc != 0:
-        raise RuntimeError(f"training failed (torchrun exit code {rc}); its output is above")
+    for what, overrides in training_phases(cfg):
+        cmd = launch_command(config_file, overrides)
+        progress.say(f"  {what}")
+        progress.say("  $ python " + " ".join(cmd[1:]))
+        rc = subprocess.call(cmd, env=env)
+        if rc != 0:
+            raise RuntimeError(f"training failed (torchrun exit code {rc}); its output is above")
 
 
 def stage_lines(run_dir: str) -> list[str]:
@@ -154,30 +207,65 @@ def stage_lines(run_dir: str) -> list[str]:
     return lines
 
 
-# --- 4. generation ----------------------------------------------------------------------------
+# --- 4. generation and scoring ----------------------------------------------------------------
 
-def stream_video(run_dir: str, caption: str, chunks: int, mp4: str, steps: int) -> dict:
-    """Stream ``chunks`` chunks for ``caption`` from the run's EMA weights into ``mp4`` (latents
-    into the same name with ``.npy``) with ``magitrain.generate``; returns its summary."""
+def generation_args(run_dir: str, caption: str, mp4: str, chunks: int = GEN_CHUNKS, steps: int = GEN_STEPS,
+                    seed: int = 0) -> list[str]:
+    """The ``magitrain.generate`` command line the demo uses (its sampler defaults)."""
+    return ["--ckpt", run_dir, "--prompt", caption, "--chunks", str(chunks), "--steps", str(steps),
+            "--window", "4", "--cfg-scale", str(DEMO_CFG_SCALE), "--fps", str(FPS), "--seed", str(seed),
+            "--out", mp4, "--contact-sheet", os.path.splitext(mp4)[0] + ".png", "--quiet"]
+
+
+def stream_video(run_dir: str, caption: str, mp4: str, chunks: int = GEN_CHUNKS, steps: int = GEN_STEPS,
+                 seed: int = 0) -> dict:
+    """Stream ``chunks`` chunks for ``caption`` from the run's EMA weights into ``mp4`` (latents into
+    ``.npy``, contact sheet into ``.png`` beside it) with ``magitrain.generate``; returns its summary."""
     from magitrain import generate
 
-    args = generate.build_parser().parse_args([
-        "--ckpt", run_dir, "--prompt", caption, "--chunks", str(chunks), "--steps", str(steps),
-        "--window", "4", "--fps", str(FPS), "--out", mp4])
-    return generate.run(args)
+    return generate.run(generate.build_parser().parse_args(generation_args(run_dir, caption, mp4, chunks, steps,
+                                                                           seed)))
 
 
-def check_quality(latents_npy: str, channels: int, held_out: int = 16):
-    """``generate.quality_check`` of the streamed latents against held-out demo clips, encoded
-    exactly as the shards were (PatchEncoder); returns its report."""
+def score_latents(latents_npy: str, caption: str, channels: int):
+    """:func:`~magitrain.caption_score.score_video` of saved latents, decoded as the shards were encoded."""
     import numpy as np
 
+    from magitrain.caption_score import score_video
     from magitrain.data_pipeline.encoders import PatchEncoder
-    from magitrain.generate import quality_check
 
-    enc = PatchEncoder(channels)
-    reference = torch.stack([enc.encode(demo_clip(HELD_OUT_SEED + i)[0]) for i in range(held_out)])
-    return quality_check(torch.from_numpy(np.load(latents_npy, allow_pickle=False)), reference)
+    frames = PatchEncoder(channels).decode(torch.from_numpy(np.load(latents_npy, allow_pickle=False)))
+    return score_video(frames, caption, window=FRAMES // 4)
+
+
+def evaluate(run_dir: str, out: str, channels: int, progress: Progress, chunks: int = EVAL_CHUNKS) -> dict:
+    """Generate and score one video per caption of ``SEEN_CAPTIONS`` and ``HELD_OUT_CAPTIONS`` into
+    ``out/``; returns ``{"seen": CaptionScore, "held_out": CaptionScore, "videos": [...]}``."""
+    from magitrain.caption_score import mean_score
+
+    os.makedirs(out, exist_ok=True)
+    groups, videos = {"seen": [], "held_out": []}, []
+    for group, captions in (("seen", SEEN_CAPTIONS), ("held_out", HELD_OUT_CAPTIONS)):
+        for i, caption in enumerate(captions):
+            mp4 = os.path.join(out, f"{group}_{i}.mp4")
+            summary = stream_video(run_dir, caption, mp4, chunks, seed=i + 1)
+            score = score_latents(summary["latents"], caption, channels)
+            groups[group].append(score)
+            videos.append({"group": group, "caption": caption, "video": mp4, "contact_sheet": summary["contact_sheet"],
+                           **score.as_dict()})
+            progress.say(f"  {group:8s} {caption!r:42s} {score}")
+    return {"seen": mean_score(groups["seen"]), "held_out": mean_score(groups["held_out"]), "videos": videos}
+
+
+def verdict(scores: dict, thresholds: dict) -> list[str]:
+    """The failed pass marks, as lines (empty: passed)."""
+    seen, held = scores["seen"], scores["held_out"]
+    checks = [(f"object present {seen.object_present:.0%}", seen.object_present, thresholds["object_present"]),
+              (f"colour {seen.colour:.0%}", seen.colour, thresholds["colour"]),
+              (f"motion {seen.motion:.0%}", seen.motion, thresholds["motion"]),
+              (f"size trend {seen.size_trend:.0%}", seen.size_trend, thresholds["size_trend"]),
+              (f"held-out motion {held.motion:.0%}", held.motion, thresholds["held_out_motion"])]
+    return [f"{what} < {need:.0%}" for what, got, need in checks if got < need]
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -185,21 +273,28 @@ def check_quality(latents_npy: str, channels: int, held_out: int = 16):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="magitrain demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    parser.add_argument("--quick", action="store_true", help=f"a short run ({QUICK_STEPS} steps; CI smoke test)")
-    parser.add_argument("--videos", type=int, default=0, help="procedural clips to make (default 64, quick 32)")
-    parser.add_argument("--caption", default="a red square moving right, growing", help="prompt of the mp4")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a short run ({QUICK_SCALE:.0%} of the steps, {QUICK_VIDEOS} clips; CI smoke test)")
+    parser.add_argument("--videos", type=int, default=0, help=f"procedural clips to make (default {VIDEOS}, "
+                        f"quick {QUICK_VIDEOS})")
+    parser.add_argument("--caption", default="a red square moving right, growing", help="prompt of demo.mp4")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/demo.yaml")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
     try:
         cfg = demo_config(out, args.quick, args.overrides)
-    except ConfigError as e:
+        from magitrain.caption_score import Caption
+
+        Caption.parse(args.caption)
+    except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    videos = args.videos or (32 if args.quick else 64)
+    videos = args.videos or (QUICK_VIDEOS if args.quick else VIDEOS)
     progress = Progress(4)
 
-    progress.phase(f"media: {videos} procedural clips ({FRAMES} frames, {PIXELS}x{PIXELS}) -> {out}/media")
+    progress.phase(f"media: {videos} procedural clips ({FRAMES} frames, {PIXELS}x{PIXELS}; held out: "
+                   f"{', '.join(f'{c} moving {d}' for c, d in sorted(HELD_OUT))}) -> {out}/media")
+    torch.set_num_threads(1)  # tiny tensors: more threads only contend on a busy 2-core CPU
     make_media(os.path.join(out, "media"), videos)
 
     progress.phase(f"shards: build_shards (PatchEncoder latents, hash text) -> {out}/shards")
@@ -207,9 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     progress.say(f"  {manifest['samples']} samples in {len(manifest['shards'])} shards, latent buckets "
                  f"{', '.join(manifest['buckets'])}")
 
-    p = cfg.parallel
-    progress.phase(f"training: {WORLD} ranks (dp={p.dp} x cp={p.cp} x tp={p.tp}), {cfg.train.steps} steps, "
-                   f"curriculum {' -> '.join(s.name for s in cfg.data.curriculum)}")
+    progress.phase(f"training: {WORLD} ranks, {cfg.train.steps} steps, curriculum "
+                   f"{' -> '.join(s.name for s in cfg.data.curriculum)}, over dp, tp and cp")
     try:
         run_training(cfg, progress)
     except RuntimeError as e:
@@ -219,22 +313,33 @@ def main(argv: list[str] | None = None) -> int:
         progress.say(line)
 
     mp4 = os.path.join(out, "demo.mp4")
-    gen_steps = 8 if args.quick else 16
-    progress.phase(f"generation: {GEN_CHUNKS} chunks for {args.caption!r} ({gen_steps} steps, KV cache) -> {mp4}")
-    torch.set_num_threads(1)  # a tiny model: more threads only contend on a busy CPU
-    result = stream_video(cfg.run.dir, args.caption, GEN_CHUNKS, mp4, gen_steps)
+    progress.phase(f"generation: demo.mp4 ({GEN_CHUNKS} chunks) and {EVAL_CHUNKS} chunks per scored caption "
+                   f"({GEN_STEPS} steps, window 4, KV cache, cfg {DEMO_CFG_SCALE:g}), scored against the caption")
+    result = stream_video(cfg.run.dir, args.caption, mp4)
     longest = max(b[0] for st in cfg.data.curriculum for b in st.buckets) * TEMPORAL_FACTOR
-    progress.say(f"  {result['frames']} frames streamed (the longest training clip has {longest})")
-    report = check_quality(result["latents"], cfg.model.in_channels)
-    progress.say(f"  quality check against held-out clips: {report}")
+    demo_score = score_latents(result["latents"], args.caption, cfg.model.in_channels)
+    progress.say(f"  demo.mp4: {result['frames']} frames (the longest training clip has {longest}) for "
+                 f"{args.caption!r}: {demo_score}")
+    scores = evaluate(cfg.run.dir, os.path.join(out, "eval"), cfg.model.in_channels, progress)
+    failed = verdict(scores, QUICK_THRESHOLDS if args.quick else THRESHOLDS)
+    summary = {"seen": scores["seen"].as_dict(), "held_out": scores["held_out"].as_dict(),
+               "demo": {"caption": args.caption, **demo_score.as_dict()}, "videos": scores["videos"],
+               "thresholds": QUICK_THRESHOLDS if args.quick else THRESHOLDS, "passed": not failed}
+    with open(os.path.join(out, "scores.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    progress.say(f"  caption following, {len(SEEN_CAPTIONS)} seen captions:     {scores['seen']}")
+    progress.say(f"  caption following, {len(HELD_OUT_CAPTIONS)} held-out captions: {scores['held_out']}")
+    progress.say("  check: " + ("PASS" if not failed else "FAIL (" + "; ".join(failed) + ")"))
 
     run_dir = cfg.run.dir
-    print(f"\nrun dir:      {run_dir}")
-    print(f"metrics:      {os.path.join(run_dir, 'metrics.jsonl')}  (per stage: stages.jsonl)")
-    print(f"checkpoints:  {os.path.join(run_dir, 'checkpoints')}")
-    print(f"TensorBoard:  tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
-    print(f"video:        {mp4}  (latents: {result['latents']})")
-    return 0 if report.passed else 3
+    print(f"\nrun dir:       {run_dir}")
+    print(f"metrics:       {os.path.join(run_dir, 'metrics.jsonl')}  (per stage: stages.jsonl)")
+    print(f"checkpoints:   {os.path.join(run_dir, 'checkpoints')}")
+    print(f"TensorBoard:   tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
+    print(f"video:         {mp4}  (latents: {result['latents']})")
+    print(f"contact sheet: {result['contact_sheet']}  (one row per chunk)")
+    print(f"scores:        {os.path.join(out, 'scores.json')}  (videos and sheets: {os.path.join(out, 'eval')})")
+    return 0 if not failed else 3
 
 
 if __name__ == "__main__":

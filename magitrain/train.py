@@ -208,7 +208,8 @@ def train(cfg: Config) -> dict:
     record: dict = {}
     last_saved = state.step if resume_path else -1
     with report_lost_ranks(env, lambda: f"step {state.step + 1}"):  # a dead rank: a clear error, no hang
-        while state.step < cfg.train.steps:
+        end = cfg.train.stop_at or cfg.train.steps  # stop_at: an early, resumable end (same lr schedule)
+        while state.step < end:
             t0 = time.perf_counter()
             micro = [data.next_batch() for _ in range(cfg.train.grad_accum)]
             data_time = time.perf_counter() - t0
@@ -236,13 +237,13 @@ def train(cfg: Config) -> dict:
             flops = perf.step_flops(params, out["tokens"], area, cfg.model)
             record.update({"data_time_s": data_time, "attn_area": int(area), "model_flops": flops,
                            "mfu": flops / dt / peak_total, **perf.cp_figures(take_plan_stats(model))})
-            if state.step % cfg.log.every == 0 or state.step == cfg.train.steps:
+            if state.step % cfg.log.every == 0 or state.step == end:
                 logger.log(record)
             summary = stages.update(record)  # a line per finished curriculum stage
             if summary:
                 logger.message(summary)
             stopping = stop.agreed(env)
-            if (cfg.ckpt.every and state.step % cfg.ckpt.every == 0) or stopping or state.step == cfg.train.steps:
+            if (cfg.ckpt.every and state.step % cfg.ckpt.every == 0) or stopping or state.step == end:
                 path = save()
                 last_saved = state.step
                 logger.message(f"checkpoint: {path}")

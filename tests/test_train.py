@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from magitrain.checkpoint import Checkpointer
+from magitrain.config import ConfigError
 from magitrain.train import TrainingError, train
 
 from conftest import REPO, tiny_config
@@ -48,6 +49,22 @@ def test_resume_is_bitwise_identical(tmp_path):
         assert flat_a.keys() == flat_b.keys()
         for k in flat_a:
             assert torch.equal(flat_a[k], flat_b[k]), (key, k)
+
+
+def test_stop_at_then_resume_equals_straight_run(tmp_path):
+    """train.stop_at ends early with a checkpoint and keeps the lr schedule of train.steps, so a
+    resume goes on exactly as the uninterrupted run (the demo's two launches rely on it)."""
+    straight = tiny_config(tmp_path / "a", "train.steps=6", "ckpt.every=0")
+    train(straight)
+    first = tiny_config(tmp_path / "b", "train.steps=6", "ckpt.every=0", "train.stop_at=2")
+    train(first)
+    assert Checkpointer(first.run.dir).latest() == Checkpointer(first.run.dir).path_for(2)
+    train(tiny_config(tmp_path / "b", "train.steps=6", "ckpt.every=0", "ckpt.resume=auto"))
+    a, b = _losses(straight.run.dir), _losses(first.run.dir)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [(r["loss"], r["lr"]) for r in a] == [(r["loss"], r["lr"]) for r in b]
+    with pytest.raises(ConfigError, match="train.stop_at"):
+        tiny_config(tmp_path / "c", "train.steps=6", "train.stop_at=7")
 
 
 def test_metrics_fields(tmp_path):
