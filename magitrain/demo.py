@@ -8,7 +8,10 @@ parallel axes -> streamed videos scored against their captions.
    Some (colour, direction) pairs (``HELD_OUT``) never occur in them: the model has seen each
    colour and each direction, never those together.
 2. **shards**: ``build_shards`` turns them into WebDataset shards of PatchEncoder latents
-   ``[4, 8, 8, 8]`` and hash caption embeddings.
+   ``[4, 8, 8, 8]`` and hash caption embeddings, and a second set of the clips downscaled to 32x32
+   (latents ``[4, 8, 4, 4]``) for the low-res stage. (Cropping the full-size latents instead would
+   show the model shapes that fill the frame: RoPE positions are normalised to the grid, so a crop
+   and a whole frame look alike to it, and the crops taught it to draw frame-filling shapes.)
 3. **training**, on 4 local ranks (NCCL when 4 GPUs are visible, gloo on CPU otherwise), a
    3-stage curriculum (images -> short low-res clips -> longer clips) in two launches: the images
    and short clips (one or two chunks: nothing for context parallelism to split) on dp=2 x tp=2
@@ -42,6 +45,7 @@ from magitrain.configs import config_path
 
 WORLD = 4  # local ranks
 PIXELS, FRAMES = 64, 32  # media size: PatchEncoder latents of 8x8, 8 latent frames
+LOW_RES = 32  # the low-res shard set: the same clips downscaled, latents of 4x4
 TEMPORAL_FACTOR = 4  # PatchEncoder: pixel frames per latent frame
 SHARDS = 4  # at least dp x max(1, data.num_workers)
 FPS = 8
@@ -124,9 +128,9 @@ def make_media(folder: str, count: int) -> list[str]:
 
 # --- 2. shards --------------------------------------------------------------------------------
 
-def build_shards(media: str, out: str, cfg: Config, count: int, shards: int = SHARDS) -> dict:
-    """PatchEncoder latents + hash caption embeddings for ``cfg.model`` in ``shards`` shards;
-    returns the manifest."""
+def build_shards(media: str, out: str, cfg: Config, count: int, shards: int = SHARDS, size: int = PIXELS) -> dict:
+    """PatchEncoder latents + hash caption embeddings for ``cfg.model`` in ``shards`` shards, of the
+    media resized to ``size`` x ``size`` pixels; returns the manifest."""
     from magitrain.data_pipeline import build_shards as bs
 
     m = cfg.model
@@ -134,7 +138,7 @@ def build_shards(media: str, out: str, cfg: Config, count: int, shards: int = SH
         media, out, "--latent-encoder", "patch", "--latent-channels", str(m.in_channels),
         "--text-encoder", "hash", "--text-dim", str(m.caption_channels), "--text-len", str(m.caption_max_length),
         "--max-shard-samples", str(-(-count // shards)), "--patch-size", str(m.patch_size),
-        "--t-patch-size", str(m.t_patch_size), "--quiet"])
+        "--t-patch-size", str(m.t_patch_size), "--size", f"{size}x{size}", "--quiet"])
     return bs.build(args)
 
 
@@ -145,6 +149,9 @@ def demo_config(out: str, quick: bool, overrides: list[str]) -> Config:
     ``QUICK_SCALE`` of its steps (stage boundaries keep their proportions) unless train.steps is given."""
     base = [f"run.dir={os.path.join(out, 'run')}", f"data.shards={os.path.join(out, 'shards')}"]
     cfg = load_config(config_path("demo.yaml"), base + overrides, world_size=WORLD)
+    for st in cfg.data.curriculum:  # a stage naming the low-res set reads the downscaled shards
+        if st.shards == "low_res":
+            st.shards = os.path.join(out, "shards_low_res")
     if quick and not any(o.startswith("train.steps=") for o in overrides):
         for st in cfg.data.curriculum:
             st.until_step = max(1, round(st.until_step * QUICK_SCALE)) if st.until_step else 0
@@ -297,10 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # tiny tensors: more threads only contend on a busy 2-core CPU
     make_media(os.path.join(out, "media"), videos)
 
-    progress.phase(f"shards: build_shards (PatchEncoder latents, hash text) -> {out}/shards")
-    manifest = build_shards(os.path.join(out, "media"), os.path.join(out, "shards"), cfg, videos)
-    progress.say(f"  {manifest['samples']} samples in {len(manifest['shards'])} shards, latent buckets "
-                 f"{', '.join(manifest['buckets'])}")
+    progress.phase(f"shards: build_shards (PatchEncoder latents, hash text) -> {out}/shards, and of the clips "
+                   f"downscaled to {LOW_RES}x{LOW_RES} -> {out}/shards_low_res")
+    for folder, size in (("shards", PIXELS), ("shards_low_res", LOW_RES)):
+        manifest = build_shards(os.path.join(out, "media"), os.path.join(out, folder), cfg, videos, size=size)
+        progress.say(f"  {folder}: {manifest['samples']} samples in {len(manifest['shards'])} shards, latent "
+                     f"buckets {', '.join(manifest['buckets'])}")
 
     progress.phase(f"training: {WORLD} ranks, {cfg.train.steps} steps, curriculum "
                    f"{' -> '.join(s.name for s in cfg.data.curriculum)}, over dp, tp and cp")
