@@ -40,9 +40,10 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+from magitrain.parallel import collectives
 
 MARKER = "COMPLETE"
 TENSORS = "tensors"
@@ -252,32 +253,38 @@ class RNGState:
 # ------------------------------------------------------------------------------------------
 
 def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return collectives.rank_and_world()
 
 
 def _barrier() -> None:
-    if _dist()[1] > 1:
-        dist.barrier()
+    collectives.barrier()
 
 
 def _all_ok(ok: bool) -> bool:
-    """True on every rank iff ``ok`` on every rank (so all ranks fail a save together)."""
-    if _dist()[1] == 1:
-        return ok
-    flag = torch.tensor([0.0 if ok else 1.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
+    """True on every rank iff ``ok`` on every rank (so all ranks fail a save together); a CPU-side
+    agreement, so on the CPU group (a device group under NCCL refuses the CPU flag)."""
+    return collectives.every_rank(ok)
+
+
+def _dcp_group(name: str = collectives.CPU):
+    """The group DCP plans and agrees over: a CPU group (its plans travel as pickled CPU tensors);
+    None on a plain process (``no_dist``)."""
+    return collectives.cpu_group(name) if collectives.initialized() else None
 
 
 class Checkpointer:
     """Saves and finds checkpoints under ``run_dir/checkpoints``, keeping the last ``keep_last``.
 
     ``save`` and ``load_into`` are collective when torch.distributed is initialized: every rank
-    calls them with its own (sharded) state. ``async_save``: tensors are staged in memory and
-    written in the background; the checkpoint is completed (marker, rename, prune) at the next
-    ``save`` or at :meth:`wait`.
+    calls them with its own (sharded) state. Host-side agreement and DCP's planning run on the
+    CPU group (:mod:`magitrain.parallel.collectives`), never on a device group.
+
+    ``async_save`` (when torch.distributed runs): tensors are staged to host memory in ``save``,
+    then a background thread writes them, planning over its own CPU group ("checkpoint": gloo
+    must not be driven from two threads on one group). The checkpoint is completed (marker,
+    rename, prune) by :meth:`poll` at the first step boundary where every rank's write is done,
+    or at the next ``save`` / :meth:`wait`. Until then it is a hidden temp folder: a crash
+    during the write leaves the previous checkpoint the newest complete one.
     """
 
     def __init__(self, run_dir: str, keep_last: int = 3, async_save: bool = False):
@@ -349,16 +356,24 @@ class Checkpointer:
                     with open(os.path.join(tmp, name), "wb") as f:
                         f.write(data)
             writer = dcp.FileSystemWriter(os.path.join(tmp, TENSORS))
-            if self.async_save and world > 1:
-                future = dcp.async_save(tensors, storage_writer=writer)
+            if self.async_save and collectives.initialized():
+                # staged to host memory here, written by a background thread over its own CPU group
+                future = dcp.async_save(tensors, storage_writer=writer, process_group=_dcp_group(collectives.CHECKPOINT))
             else:
-                dcp.save(tensors, storage_writer=writer, no_dist=world == 1)
+                group = _dcp_group()
+                dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
         except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - becomes a CheckpointError naming the folder
             error = e
         if future is not None:
             self._pending = (future, tmp, final, step)
             return final
         return self._complete(tmp, final, step, error)
+
+    def poll(self) -> None:
+        """Complete a pending asynchronous save once its write finished on every rank (collective:
+        every rank calls it at the same step; it communicates only while a save is pending)."""
+        if self._pending is not None and collectives.every_rank(self._pending[0].done()):
+            self.wait()
 
     def wait(self) -> None:
         """Finish a pending asynchronous save (collective)."""
@@ -420,7 +435,7 @@ class Checkpointer:
                 raise CheckpointError(f"{path}: checkpoint has no '{name}' state")
         tree = {name: merge_tree(saved["state"][name], template[name], (name,)) for name in template}
         _, tensors = split_tree(tree)
-        _load_tensors(path, tensors, no_dist=world == 1)
+        _load_tensors(path, tensors, no_dist=not collectives.initialized())
         for name, obj in state.items():
             obj.load_state_dict(tree[name])
         if per_rank:
@@ -471,7 +486,7 @@ def _load_tensors(path: str, tensors: dict, no_dist: bool) -> None:
             raise CheckpointError(f"{path}: tensor '{key}' has shape {list(md.size)} in the checkpoint, "
                                   f"{list(t.shape)} now")
     try:
-        dcp.load(tensors, storage_reader=reader, no_dist=no_dist)
+        dcp.load(tensors, storage_reader=reader, no_dist=no_dist, process_group=None if no_dist else _dcp_group())
     except CheckpointError:
         raise
     except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001
