@@ -332,9 +332,11 @@ class Checkpointer:
     # --- saving ---------------------------------------------------------------------------
 
     def save(self, step: int, state: dict, config_yaml: str, extra_files: dict[str, bytes] | None = None,
-             per_rank: dict | None = None) -> str:
+             per_rank: dict | None = None, layout: dict | None = None) -> str:
         """Write ``state`` (objects with ``state_dict()``, or trees of tensors and plain values; the
         same names on every rank, tensors possibly sharded) and this rank's ``per_rank`` state.
+        ``layout`` (``{"dp", "cp", "tp"}`` of the run) is recorded so a resume under another layout
+        hands every rank the per-rank state of its own data-parallel rank.
         Returns the checkpoint folder (complete on return unless ``async_save``)."""
         self.wait()
         rank, world = _dist()
@@ -349,7 +351,8 @@ class Checkpointer:
             saved, tensors = split_tree(_as_tree(state))
             _write_json(os.path.join(tmp, f"rank_{rank:05d}.json"), _inline_tensors(_as_tree(per_rank or {})))
             if rank == 0:
-                _write_json(os.path.join(tmp, STATE_JSON), {"world_size": world, "state": saved})
+                _write_json(os.path.join(tmp, STATE_JSON), {"world_size": world, "state": saved,
+                                                            **({"layout": dict(layout)} if layout else {})})
                 with open(os.path.join(tmp, "config.yaml"), "w") as f:
                     f.write(config_yaml)
                 for name, data in (extra_files or {}).items():
@@ -422,11 +425,13 @@ class Checkpointer:
     # --- loading --------------------------------------------------------------------------
 
     @staticmethod
-    def load_into(path: str, state: dict, per_rank: dict | None = None) -> None:
+    def load_into(path: str, state: dict, per_rank: dict | None = None, layout: dict | None = None) -> None:
         """Load a checkpoint into live objects (collective): every ``state`` entry (objects with
         ``load_state_dict``) gets its saved state, tensors resharded to the current layout;
-        ``per_rank`` objects get this rank's saved state, or rank 0's if the world size changed
-        (exact for the synthetic source and for RNG streams that only seed non-data work)."""
+        ``per_rank`` objects get the state saved by the rank :func:`per_rank_source` picks (this
+        rank's own under the same layout, else one of the same data-parallel rank). Whether a
+        per-rank state can continue under a changed dp size is its own object's call (the
+        WebDataset source refuses; the synthetic one is exact)."""
         rank, world = _dist()
         saved = read_json(os.path.join(path, STATE_JSON))
         template = _as_tree(state)
@@ -439,8 +444,8 @@ class Checkpointer:
         for name, obj in state.items():
             obj.load_state_dict(tree[name])
         if per_rank:
-            same = int(saved.get("world_size", 1)) == world
-            mine = _uninline_tensors(read_json(os.path.join(path, f"rank_{rank if same else 0:05d}.json")))
+            source = per_rank_source(saved.get("layout"), int(saved.get("world_size", 1)), layout, rank, world)
+            mine = _uninline_tensors(read_json(os.path.join(path, f"rank_{source:05d}.json")))
             for name, obj in per_rank.items():
                 if name not in mine:
                     raise CheckpointError(f"{path}: checkpoint has no per-rank '{name}' state")
@@ -472,6 +477,24 @@ class Checkpointer:
     def step_of(path: str) -> int:
         with open(os.path.join(path, MARKER)) as f:
             return int(json.load(f)["step"])
+
+
+def per_rank_source(saved_layout: dict | None, saved_world: int, layout: dict | None, rank: int, world: int) -> int:
+    """The saved rank whose per-rank state (data position, RNG) rank ``rank`` resumes from.
+
+    Same layout: its own. Another layout: the saved rank with cp_rank = tp_rank = 0 of this rank's
+    data-parallel rank (ranks are ``(dp_rank * cp + cp_rank) * tp + tp_rank``), so each dp rank
+    keeps its own data stream (a changed cp or tp leaves the data split as it was); when dp itself
+    changed, dp rank ``d`` gets saved dp rank ``d mod saved_dp`` and the data source decides
+    (see :meth:`magitrain.data_pipeline.source.WebDatasetSource.load_state_dict`). Checkpoints
+    without a recorded layout: own rank at the same world size, else rank 0.
+    """
+    if saved_layout is None or layout is None:
+        return rank if saved_world == world else 0
+    if all(int(saved_layout[k]) == int(layout[k]) for k in ("dp", "cp", "tp")):
+        return rank
+    dp_rank = rank // (int(layout["cp"]) * int(layout["tp"]))
+    return (dp_rank % int(saved_layout["dp"])) * int(saved_layout["cp"]) * int(saved_layout["tp"])
 
 
 def _load_tensors(path: str, tensors: dict, no_dist: bool) -> None:

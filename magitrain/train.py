@@ -183,9 +183,10 @@ def train(cfg: Config) -> dict:
     def per_rank() -> dict:
         return {"data": data, "rng": RNGState()}
 
+    layout = {"dp": env.dp, "cp": env.cp, "tp": env.tp}
     resume_path = None if init_path else ckpt.resolve(cfg.ckpt.resume)
     if resume_path:
-        Checkpointer.load_into(resume_path, stateful(), per_rank())
+        Checkpointer.load_into(resume_path, stateful(), per_rank(), layout=layout)
 
     if env.is_main:
         save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
@@ -199,7 +200,7 @@ def train(cfg: Config) -> dict:
     stages = perf.StageSummary(cfg.run.dir, peak_total, env.is_main, state.step)
 
     def save() -> str:
-        return ckpt.save(state.step, stateful(), to_yaml(cfg), per_rank=per_rank())
+        return ckpt.save(state.step, stateful(), to_yaml(cfg), per_rank=per_rank(), layout=layout)
 
     record: dict = {}
     last_saved = state.step if resume_path else -1
