@@ -130,3 +130,24 @@ def test_changed_dp_size_is_refused_with_one_line(tmp_path, monkeypatch, saved_d
                                    f"{dupes}, samples trained on before the checkpoint read again: {again}")
     for e in errors:
         assert "\n" not in e and f"{saved_dp} data-parallel ranks" in e and f"parallel.dp={new_dp}" in e, e
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved_dp, new_dp", [(2, 4), (4, 2)])
+def test_trainer_refuses_a_dp_change_on_webdataset(tmp_path, saved_dp, new_dp):
+    """The real thing through torchrun: train at dp=saved_dp on WebDataset shards with a checkpoint,
+    resume at dp=new_dp: every rank exits 2 with one ``error:`` line, nothing is trained."""
+    from test_fault_drill import Launch, demo_shards, metrics
+
+    data = demo_shards(tmp_path) + ["parallel.cp=1", "data.batch_size=4", "train.steps=2", "ckpt.every=2"]
+    run_dir = str(tmp_path / "run")
+    first = Launch(tmp_path, run_dir, data + [f"parallel.dp={saved_dp}"], nproc=saved_dp)
+    assert first.wait(300) == 0, first.output()[-3000:]
+    again = Launch(tmp_path, run_dir, data + [f"parallel.dp={new_dp}", "train.steps=4", "ckpt.resume=auto"],
+                   nproc=new_dp)
+    assert again.wait(300) != 0
+    out = again.output()
+    lines = [line for line in out.splitlines() if line.startswith("error: the checkpoint's WebDataset stream")]
+    assert lines and all(f"split over {saved_dp} data-parallel ranks" in line for line in lines), out[-3000:]
+    assert {again.rc(r) for r in range(new_dp)} <= {2, None} and 2 in {again.rc(r) for r in range(new_dp)}, out[-3000:]
+    assert metrics(run_dir)[-1]["step"] == 2  # nothing trained after the refusal
