@@ -85,7 +85,7 @@ def summarise(events: dict, steps: int) -> dict:
             continue
         overlaps = any(t0 < w1 and t1 > w0 for w0, w1 in windows)
         (during if overlaps else quiet).append(t1 - t0)
-    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    med = lambda xs: statistics.median(xs) if xs else None
     return {"step_s_quiet": med(quiet), "step_s_during_write": med(during), "steps_during_write": len(during),
             "save_blocked_s": med([t1 - t0 for t0, t1 in saves]), "saves": len(saves)}
 
@@ -105,7 +105,7 @@ def main() -> None:
             with open(out) as f:
                 rows[mode] = summarise(json.load(f), args.steps)
     print(json.dumps(rows, indent=1))
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
     print("| mode | step s, no write in flight | step s, write in flight (n) | save() blocks the loop s (n) |")
     print("|---|---|---|---|")
     for mode, r in rows.items():

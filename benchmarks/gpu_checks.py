@@ -168,7 +168,7 @@ def check_block_mask_cuda(log: Log, device) -> None:
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    mask = kernels._flex_block_mask(slices, device)
+    kernels._flex_block_mask(slices, device)
     torch.cuda.synchronize()
     built = time.perf_counter() - t0
     mask_mb = (torch.cuda.max_memory_allocated() - base) / 2**20

@@ -367,9 +367,14 @@ class Checkpointer:
                 dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
         except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - becomes a CheckpointError naming the folder
             error = e
-        if future is not None:
-            self._pending = (future, tmp, final, step)
-            return final
+        if self.async_save and collectives.initialized():
+            # every rank must have started its write, or none goes pending: the ranks then fail together
+            if _all_ok(error is None):
+                self._pending = (future, tmp, final, step)
+                return final
+            # a started write waits in vain for the missing peers and fails on its own after
+            # parallel.timeout_s; not waiting for it keeps every rank's next collectives in step
+            error = error or CheckpointError("another rank could not start its write")
         return self._complete(tmp, final, step, error)
 
     def poll(self) -> None:

@@ -38,14 +38,15 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if initialized() else (0, 1)
 
 
-def cpu_group(name: str = CPU):
-    """The gloo group over all ranks called ``name`` (created, collectively, on first use)."""
+def cpu_group(name: str = CPU, timeout=None):
+    """The gloo group over all ranks called ``name`` (created, collectively, on first use, with
+    ``timeout``: a ``datetime.timedelta`` bounding its collectives; default: torch's)."""
     world = dist.distributed_c10d._get_default_group()
     if _WORLD[0] is not world:  # a new torch.distributed session: the old groups died with the old one
         _GROUPS.clear()
         _WORLD[0] = world
     if name not in _GROUPS:
-        _GROUPS[name] = dist.new_group(backend="gloo", group_desc=f"magitrain_{name}")
+        _GROUPS[name] = dist.new_group(backend="gloo", timeout=timeout, group_desc=f"magitrain_{name}")
     return _GROUPS[name]
 
 

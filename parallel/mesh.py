@@ -131,11 +131,11 @@ def init_parallel(cfg: Config) -> ParallelEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not launched() and not dist.is_initialized():
         return ParallelEnv(0, 1, local_rank, device, 1, 1, 1, timeout_s=p.timeout_s)
+    timeout = datetime.timedelta(seconds=p.timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=p.timeout_s),
-                                device_id=device if device.type == "cuda" else None)
-    collectives.cpu_group(collectives.CPU)
-    collectives.cpu_group(collectives.CHECKPOINT)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    collectives.cpu_group(collectives.CPU, timeout)
+    collectives.cpu_group(collectives.CHECKPOINT, timeout)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (p.dp, p.cp, p.tp), mesh_dim_names=("dp", "cp", "tp"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 
 import pytest
@@ -121,3 +120,36 @@ def test_kill_during_async_write_keeps_previous_checkpoint(tmp_path):
     assert f"resumed from {ck.path_for(4)} at step 4" in resumed.output()
     got, want = losses(run_dir), losses(reference.run_dir)
     assert [got[s] for s in range(5, 9)] == [want[s] for s in range(5, 9)]
+
+
+def _start_fails_worker(rank, world, port, root):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import magitrain.checkpoint as ckpt_mod
+    from magitrain.checkpoint import CheckpointError
+    from magitrain.parallel.mesh import init_parallel
+
+    init_parallel(tiny_config(root, "parallel.dp=2", "parallel.timeout_s=10"))
+    ck = Checkpointer(os.path.join(root, "run"), async_save=True)
+    ck.save(1, {"w": {"x": torch.ones(4)}}, "")
+    ck.wait()
+    if rank == 1:  # this rank cannot start its write (e.g. staging runs out of host memory)
+        def no_memory(*args, **kwargs):
+            raise MemoryError("staging: out of host memory")
+
+        ckpt_mod.dcp.async_save = no_memory
+    with pytest.raises(CheckpointError, match="could not write checkpoint"):
+        ck.save(2, {"w": {"x": torch.zeros(4)}}, "")
+    assert ck.resolve("auto") == ck.path_for(1)
+    with open(os.path.join(root, f"ok_{rank}"), "w") as f:
+        f.write("ok")
+
+
+@pytest.mark.slow
+def test_async_save_that_one_rank_cannot_start_fails_on_every_rank(tmp_path):
+    """No rank goes on with a pending write its peers never started (they would mismatch their next
+    collectives): all raise CheckpointError, the previous checkpoint stays the newest. ~40 s: the
+    started write of the other rank times out (parallel.timeout_s=10) before its process can exit."""
+    mp.spawn(_start_fails_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    assert all(os.path.exists(tmp_path / f"ok_{r}") for r in range(2))

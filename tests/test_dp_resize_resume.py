@@ -14,7 +14,6 @@ read back through ``Checkpointer.load_into`` as each rank of the new layout woul
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from collections import Counter
 
