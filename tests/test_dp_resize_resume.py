@@ -96,7 +96,7 @@ def test_per_rank_source_keeps_the_dp_rank():
     assert [per_rank_source(None, 4, None, r, 2) for r in range(2)] == [0, 0]  # no layout recorded: as before
 
 
-@pytest.mark.parametrize("saved, resumed", [((2, 1, 1), (2, 2, 1)), ((2, 1, 2), (2, 1, 1))])
+@pytest.mark.parametrize("saved, resumed", [((2, 1, 1), (2, 2, 1)), ((2, 1, 2), (2, 1, 1)), ((2, 1, 2), (2, 2, 1))])
 def test_changed_cp_or_tp_continues_every_dp_stream_exactly(tmp_path, monkeypatch, saved, resumed):
     shards = _shards(tmp_path)
     path, sources = _saved_run(tmp_path, shards, saved)
