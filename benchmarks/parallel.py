@@ -60,11 +60,11 @@ def _comm_seconds(prof) -> float:
 
 def measure(layout: tuple[int, int, int], steps: int, run_dir: str) -> tuple[float, float]:
     """(median step seconds, comm share) of this rank for ``layout``."""
-    import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
     from magitrain.data import build_data_source
     from magitrain.model import MagiDiT
+    from magitrain.parallel import collectives
     from magitrain.parallel.mesh import init_parallel
     from magitrain.parallel.parallelize import parallelize_model
     from magitrain.train import build_optimizer, train_step
@@ -81,13 +81,11 @@ def measure(layout: tuple[int, int, int], steps: int, run_dir: str) -> tuple[flo
 
     times = []
     for i in range(WARMUP + steps):
-        if env.distributed:
-            dist.barrier()
+        collectives.barrier()  # host-side: the CPU group
         t0 = time.perf_counter()
         step(i)
         times.append(time.perf_counter() - t0)
-    if env.distributed:
-        dist.barrier()
+    collectives.barrier()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for i in range(PROFILED):

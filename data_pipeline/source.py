@@ -141,11 +141,24 @@ class WebDatasetSource:
             loader = self._loader.state_dict()
         else:
             loader = self._pending_state or {}
-        return {"step": self.step, "calls": self.calls, "stage": self.stage,
+        return {"step": self.step, "calls": self.calls, "stage": self.stage, "dp_rank": self.rank, "dp_size": self.world,
                 "stage_name": self.stages[self.stage].name, "loader": loader,
                 "done": dict(self._done), "workers": {k: dict(v) for k, v in self._workers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue the stream where ``state`` (saved by the same dp rank of a run with the same dp
+        size) left it. A changed dp size is refused (ConfigError): the interrupted epoch's remaining
+        samples sit in per-rank shard positions, shuffle buffers and packer bins that cannot be
+        re-split over another number of ranks without repeating or dropping samples."""
+        saved_dp = state.get("dp_size")  # absent in checkpoints from before issue 14: not checkable
+        if saved_dp is not None and int(saved_dp) != self.world:
+            raise ConfigError(f"the checkpoint's WebDataset stream was split over {saved_dp} data-parallel ranks, this "
+                              f"run has parallel.dp={self.world}: resuming would repeat or drop samples of the "
+                              f"interrupted epoch; resume with parallel.dp={saved_dp} (cp and tp may change), or "
+                              "start a new run from its weights with ckpt.init_from=<checkpoint>")
+        if saved_dp is not None and int(state["dp_rank"]) != self.rank:
+            raise ConfigError(f"data-parallel rank {self.rank} was handed the data state of dp rank {state['dp_rank']}: "
+                              "two ranks would read the same samples")
         if state["stage"] >= len(self.stages) or state["stage_name"] != self.stages[state["stage"]].name:
             raise ValueError(f"data state is for curriculum stage {state['stage']} '{state['stage_name']}', "
                              f"which this config does not have at that position")

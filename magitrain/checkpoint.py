@@ -40,9 +40,10 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+from magitrain.parallel import collectives
 
 MARKER = "COMPLETE"
 TENSORS = "tensors"
@@ -252,32 +253,38 @@ class RNGState:
 # ------------------------------------------------------------------------------------------
 
 def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return collectives.rank_and_world()
 
 
 def _barrier() -> None:
-    if _dist()[1] > 1:
-        dist.barrier()
+    collectives.barrier()
 
 
 def _all_ok(ok: bool) -> bool:
-    """True on every rank iff ``ok`` on every rank (so all ranks fail a save together)."""
-    if _dist()[1] == 1:
-        return ok
-    flag = torch.tensor([0.0 if ok else 1.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
+    """True on every rank iff ``ok`` on every rank (so all ranks fail a save together); a CPU-side
+    agreement, so on the CPU group (a device group under NCCL refuses the CPU flag)."""
+    return collectives.every_rank(ok)
+
+
+def _dcp_group(name: str = collectives.CPU):
+    """The group DCP plans and agrees over: a CPU group (its plans travel as pickled CPU tensors);
+    None on a plain process (``no_dist``)."""
+    return collectives.cpu_group(name) if collectives.initialized() else None
 
 
 class Checkpointer:
     """Saves and finds checkpoints under ``run_dir/checkpoints``, keeping the last ``keep_last``.
 
     ``save`` and ``load_into`` are collective when torch.distributed is initialized: every rank
-    calls them with its own (sharded) state. ``async_save``: tensors are staged in memory and
-    written in the background; the checkpoint is completed (marker, rename, prune) at the next
-    ``save`` or at :meth:`wait`.
+    calls them with its own (sharded) state. Host-side agreement and DCP's planning run on the
+    CPU group (:mod:`magitrain.parallel.collectives`), never on a device group.
+
+    ``async_save`` (when torch.distributed runs): tensors are staged to host memory in ``save``,
+    then a background thread writes them, planning over its own CPU group ("checkpoint": gloo
+    must not be driven from two threads on one group). The checkpoint is completed (marker,
+    rename, prune) by :meth:`poll` at the first step boundary where every rank's write is done,
+    or at the next ``save`` / :meth:`wait`. Until then it is a hidden temp folder: a crash
+    during the write leaves the previous checkpoint the newest complete one.
     """
 
     def __init__(self, run_dir: str, keep_last: int = 3, async_save: bool = False):
@@ -325,9 +332,11 @@ class Checkpointer:
     # --- saving ---------------------------------------------------------------------------
 
     def save(self, step: int, state: dict, config_yaml: str, extra_files: dict[str, bytes] | None = None,
-             per_rank: dict | None = None) -> str:
+             per_rank: dict | None = None, layout: dict | None = None) -> str:
         """Write ``state`` (objects with ``state_dict()``, or trees of tensors and plain values; the
         same names on every rank, tensors possibly sharded) and this rank's ``per_rank`` state.
+        ``layout`` (``{"dp", "cp", "tp"}`` of the run) is recorded so a resume under another layout
+        hands every rank the per-rank state of its own data-parallel rank.
         Returns the checkpoint folder (complete on return unless ``async_save``)."""
         self.wait()
         rank, world = _dist()
@@ -342,23 +351,37 @@ class Checkpointer:
             saved, tensors = split_tree(_as_tree(state))
             _write_json(os.path.join(tmp, f"rank_{rank:05d}.json"), _inline_tensors(_as_tree(per_rank or {})))
             if rank == 0:
-                _write_json(os.path.join(tmp, STATE_JSON), {"world_size": world, "state": saved})
+                _write_json(os.path.join(tmp, STATE_JSON), {"world_size": world, "state": saved,
+                                                            **({"layout": dict(layout)} if layout else {})})
                 with open(os.path.join(tmp, "config.yaml"), "w") as f:
                     f.write(config_yaml)
                 for name, data in (extra_files or {}).items():
                     with open(os.path.join(tmp, name), "wb") as f:
                         f.write(data)
             writer = dcp.FileSystemWriter(os.path.join(tmp, TENSORS))
-            if self.async_save and world > 1:
-                future = dcp.async_save(tensors, storage_writer=writer)
+            if self.async_save and collectives.initialized():
+                # staged to host memory here, written by a background thread over its own CPU group
+                future = dcp.async_save(tensors, storage_writer=writer, process_group=_dcp_group(collectives.CHECKPOINT))
             else:
-                dcp.save(tensors, storage_writer=writer, no_dist=world == 1)
+                group = _dcp_group()
+                dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
         except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - becomes a CheckpointError naming the folder
             error = e
-        if future is not None:
-            self._pending = (future, tmp, final, step)
-            return final
+        if self.async_save and collectives.initialized():
+            # every rank must have started its write, or none goes pending: the ranks then fail together
+            if _all_ok(error is None):
+                self._pending = (future, tmp, final, step)
+                return final
+            # a started write waits in vain for the missing peers and fails on its own after
+            # parallel.timeout_s; not waiting for it keeps every rank's next collectives in step
+            error = error or CheckpointError("another rank could not start its write")
         return self._complete(tmp, final, step, error)
+
+    def poll(self) -> None:
+        """Complete a pending asynchronous save once its write finished on every rank (collective:
+        every rank calls it at the same step; it communicates only while a save is pending)."""
+        if self._pending is not None and collectives.every_rank(self._pending[0].done()):
+            self.wait()
 
     def wait(self) -> None:
         """Finish a pending asynchronous save (collective)."""
@@ -407,11 +430,13 @@ class Checkpointer:
     # --- loading --------------------------------------------------------------------------
 
     @staticmethod
-    def load_into(path: str, state: dict, per_rank: dict | None = None) -> None:
+    def load_into(path: str, state: dict, per_rank: dict | None = None, layout: dict | None = None) -> None:
         """Load a checkpoint into live objects (collective): every ``state`` entry (objects with
         ``load_state_dict``) gets its saved state, tensors resharded to the current layout;
-        ``per_rank`` objects get this rank's saved state, or rank 0's if the world size changed
-        (exact for the synthetic source and for RNG streams that only seed non-data work)."""
+        ``per_rank`` objects get the state saved by the rank :func:`per_rank_source` picks (this
+        rank's own under the same layout, else one of the same data-parallel rank). Whether a
+        per-rank state can continue under a changed dp size is its own object's call (the
+        WebDataset source refuses; the synthetic one is exact)."""
         rank, world = _dist()
         saved = read_json(os.path.join(path, STATE_JSON))
         template = _as_tree(state)
@@ -420,12 +445,12 @@ class Checkpointer:
                 raise CheckpointError(f"{path}: checkpoint has no '{name}' state")
         tree = {name: merge_tree(saved["state"][name], template[name], (name,)) for name in template}
         _, tensors = split_tree(tree)
-        _load_tensors(path, tensors, no_dist=world == 1)
+        _load_tensors(path, tensors, no_dist=not collectives.initialized())
         for name, obj in state.items():
             obj.load_state_dict(tree[name])
         if per_rank:
-            same = int(saved.get("world_size", 1)) == world
-            mine = _uninline_tensors(read_json(os.path.join(path, f"rank_{rank if same else 0:05d}.json")))
+            source = per_rank_source(saved.get("layout"), int(saved.get("world_size", 1)), layout, rank, world)
+            mine = _uninline_tensors(read_json(os.path.join(path, f"rank_{source:05d}.json")))
             for name, obj in per_rank.items():
                 if name not in mine:
                     raise CheckpointError(f"{path}: checkpoint has no per-rank '{name}' state")
@@ -459,6 +484,24 @@ class Checkpointer:
             return int(json.load(f)["step"])
 
 
+def per_rank_source(saved_layout: dict | None, saved_world: int, layout: dict | None, rank: int, world: int) -> int:
+    """The saved rank whose per-rank state (data position, RNG) rank ``rank`` resumes from.
+
+    Same layout: its own. Another layout: the saved rank with cp_rank = tp_rank = 0 of this rank's
+    data-parallel rank (ranks are ``(dp_rank * cp + cp_rank) * tp + tp_rank``), so each dp rank
+    keeps its own data stream (a changed cp or tp leaves the data split as it was); when dp itself
+    changed, dp rank ``d`` gets saved dp rank ``d mod saved_dp`` and the data source decides
+    (see :meth:`magitrain.data_pipeline.source.WebDatasetSource.load_state_dict`). Checkpoints
+    without a recorded layout: own rank at the same world size, else rank 0.
+    """
+    if saved_layout is None or layout is None:
+        return rank if saved_world == world else 0
+    if all(int(saved_layout[k]) == int(layout[k]) for k in ("dp", "cp", "tp")):
+        return rank
+    dp_rank = rank // (int(layout["cp"]) * int(layout["tp"]))
+    return (dp_rank % int(saved_layout["dp"])) * int(saved_layout["cp"]) * int(saved_layout["tp"])
+
+
 def _load_tensors(path: str, tensors: dict, no_dist: bool) -> None:
     """Fill ``tensors`` (plain or DTensor, current layout) in place from the checkpoint's DCP data."""
     reader = SafeFileSystemReader(os.path.join(path, TENSORS))
@@ -471,7 +514,7 @@ def _load_tensors(path: str, tensors: dict, no_dist: bool) -> None:
             raise CheckpointError(f"{path}: tensor '{key}' has shape {list(md.size)} in the checkpoint, "
                                   f"{list(t.shape)} now")
     try:
-        dcp.load(tensors, storage_reader=reader, no_dist=no_dist)
+        dcp.load(tensors, storage_reader=reader, no_dist=no_dist, process_group=None if no_dist else _dcp_group())
     except CheckpointError:
         raise
     except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001

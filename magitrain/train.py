@@ -18,7 +18,6 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 
 from magitrain import perf
 from magitrain.checkpoint import Checkpointer, CheckpointError, ModelState, OptimizerState, RNGState
@@ -29,6 +28,7 @@ from magitrain.distill import ShortcutDistillation, load_init
 from magitrain.ema import EMA
 from magitrain.metrics import MetricsLogger
 from magitrain.model import MagiDiT
+from magitrain.parallel import collectives
 from magitrain.parallel.context_parallel import take_plan_stats
 from magitrain.parallel.deepspeed_engine import EngineModelState, EngineOptimizerState, is_engine, unwrap
 from magitrain.parallel.mesh import ParallelEnv, RankLostError, init_parallel, report_lost_ranks
@@ -69,12 +69,9 @@ class StopRequest:
         self.requested = True
 
     def agreed(self, env: ParallelEnv) -> bool:
-        """True on every rank if any rank was signalled (so all save the same step)."""
-        if not env.distributed:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        """True on every rank if any rank was signalled (so all save the same step): host-side
+        agreement, on the CPU group."""
+        return collectives.any_rank(self.requested)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -96,11 +93,10 @@ def lr_factor(step: int, cfg: Config) -> float:
 
 
 def all_reduce_sum(value: float, env: ParallelEnv, group=None) -> float:
+    """The sum of a per-rank number over ``group`` (a device group: computed on ``env.device``)."""
     if not env.distributed:
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=env.device)
-    dist.all_reduce(t, group=group)
-    return float(t.item())
+    return collectives.device_sum([value], env.device, group)[0]
 
 
 class FlowMatching:
@@ -187,9 +183,10 @@ def train(cfg: Config) -> dict:
     def per_rank() -> dict:
         return {"data": data, "rng": RNGState()}
 
+    layout = {"dp": env.dp, "cp": env.cp, "tp": env.tp}
     resume_path = None if init_path else ckpt.resolve(cfg.ckpt.resume)
     if resume_path:
-        Checkpointer.load_into(resume_path, stateful(), per_rank())
+        Checkpointer.load_into(resume_path, stateful(), per_rank(), layout=layout)
 
     if env.is_main:
         save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
@@ -203,7 +200,7 @@ def train(cfg: Config) -> dict:
     stages = perf.StageSummary(cfg.run.dir, peak_total, env.is_main, state.step)
 
     def save() -> str:
-        return ckpt.save(state.step, stateful(), to_yaml(cfg), per_rank=per_rank())
+        return ckpt.save(state.step, stateful(), to_yaml(cfg), per_rank=per_rank(), layout=layout)
 
     record: dict = {}
     last_saved = state.step if resume_path else -1
@@ -242,6 +239,7 @@ def train(cfg: Config) -> dict:
             summary = stages.update(record)  # a line per finished curriculum stage
             if summary:
                 logger.message(summary)
+            ckpt.poll()  # an asynchronous checkpoint whose write finished everywhere becomes complete
             stopping = stop.agreed(env)
             if (cfg.ckpt.every and state.step % cfg.ckpt.every == 0) or stopping or state.step == end:
                 path = save()

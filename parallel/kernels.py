@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from .block_mask import slice_block_mask
 from .mask import AttnRange, AttnSlice, AttnSlices, MaskType
 
 _NEG_INF = float("-inf")
@@ -125,17 +126,25 @@ _BLOCK_MASKS: list = []  # [(slices, device, block_mask)], most recent first
 
 
 def _flex_block_mask(slices: AttnSlices, device):
-    """The block mask of ``slices``, cached by identity: the layers of one step share a mask.
+    """The block mask of ``slices``, cached: the layers of one step (and the steps of one CP plan,
+    whose local masks are the same objects) share it; a mask equal to a cached one reuses it.
 
-    No dense ``Nq x Nk`` table: every query row keeps the key intervals ``[lo, hi)`` of the
-    slices that cover it (``[Nq, M]`` tensors, ``M`` = most slices over one row), and the
-    mask function tests ``kv`` against those few intervals.
+    Built from the slice ranges (:func:`~magitrain.parallel.block_mask.slice_block_mask`: memory
+    linear in tokens, quadratic only in 128-token blocks), never from an ``Nq x Nk`` grid. Inside
+    partial blocks, the mask function tests ``kv`` against the few key intervals ``[lo, hi)`` of
+    each query row (``[Nq, M]`` tensors, ``M`` = most slices over one row).
     """
-    from torch.nn.attention.flex_attention import create_block_mask
-
     for cached, dev, block_mask in _BLOCK_MASKS:
-        if cached is slices and dev == device:
+        if dev == device and (cached is slices or cached == slices):
             return block_mask
+    block_mask = slice_block_mask(slices, interval_mask_mod(slices, device), device=device)
+    _BLOCK_MASKS.insert(0, (slices, device, block_mask))
+    del _BLOCK_MASKS[16:]
+    return block_mask
+
+
+def interval_mask_mod(slices: AttnSlices, device=None):
+    """flex's ``mask_mod(b, h, q, kv)`` of ``slices``: is ``kv`` in one of row ``q``'s key intervals."""
     lo, hi = row_intervals(slices, device)
 
     def mask_mod(b, h, qi, ki):
@@ -144,10 +153,7 @@ def _flex_block_mask(slices: AttnSlices, device):
             allowed = allowed | ((ki >= lo[qi, m]) & (ki < hi[qi, m]))
         return allowed
 
-    block_mask = create_block_mask(mask_mod, None, None, slices.total_q, slices.total_k, device=device)
-    _BLOCK_MASKS.insert(0, (slices, device, block_mask))
-    del _BLOCK_MASKS[16:]
-    return block_mask
+    return mask_mod
 
 
 def row_intervals(slices: AttnSlices, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 from magitrain.config import Config, ConfigError
 
+from . import collectives
+
 
 @dataclass
 class ParallelEnv:
@@ -31,12 +33,13 @@ class ParallelEnv:
     dp: int
     cp: int
     tp: int
-    mesh: object = None  # torch.distributed.device_mesh.DeviceMesh, None on one process
+    mesh: object = None  # torch.distributed.device_mesh.DeviceMesh; None on a plain (not launched) process
     timeout_s: float = 120.0  # parallel.timeout_s: the bound on every collective
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """True when torch.distributed runs (any launcher-started job, one rank included)."""
+        return self.mesh is not None
 
     def coord(self, rank: int | None = None) -> tuple[int, int, int]:
         """``(dp_rank, cp_rank, tp_rank)`` of ``rank`` (default: this process)."""
@@ -102,8 +105,20 @@ def validate_layout(cfg: Config, world: int) -> None:
         raise ConfigError("parallel.dp_engine=deepspeed supports data parallelism only (parallel.cp=1, parallel.tp=1)")
 
 
+def launched() -> bool:
+    """Whether a launcher (torchrun, SLURM via torchrun, a Kubernetes pod) started this process: it
+    sets WORLD_SIZE. Such a process always starts torch.distributed, one rank or many, so a one-GPU
+    ``torchrun --nproc_per_node 1`` runs the same process groups and collectives as N ranks."""
+    return "WORLD_SIZE" in os.environ
+
+
 def init_parallel(cfg: Config) -> ParallelEnv:
-    """Start the process group (if launched with several processes) and build the mesh.
+    """Start the process groups (when launched) and build the mesh.
+
+    Groups (see :mod:`magitrain.parallel.collectives`): the default group on the device's backend
+    (NCCL on CUDA, gloo on CPU) with the dp x cp x tp mesh over it, for device tensors; and two gloo
+    groups over all ranks for host-side agreement ("cpu") and asynchronous checkpoints
+    ("checkpoint"), created here, in this order, on every rank.
 
     ``parallel.timeout_s`` bounds every collective: if a rank dies, the others raise (gloo:
     at once when a peer's connection drops, after the timeout when it hangs; NCCL: the watchdog
@@ -114,10 +129,13 @@ def init_parallel(cfg: Config) -> ParallelEnv:
     validate_layout(cfg, world)
     device, backend = pick_device(p.backend)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if world == 1:
+    if not launched() and not dist.is_initialized():
         return ParallelEnv(0, 1, local_rank, device, 1, 1, 1, timeout_s=p.timeout_s)
+    timeout = datetime.timedelta(seconds=p.timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=p.timeout_s))
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    collectives.cpu_group(collectives.CPU, timeout)
+    collectives.cpu_group(collectives.CHECKPOINT, timeout)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (p.dp, p.cp, p.tp), mesh_dim_names=("dp", "cp", "tp"))
