@@ -63,8 +63,10 @@ class TrainState:
             setattr(self, k, int(v))
 
 
-class StopNow(RuntimeError):
-    """A second stop signal, or a stop request while the data reader stalls: exit without saving."""
+class StopNow(BaseException):
+    """A second stop signal, or a stop request while the data reader stalls: exit without saving.
+    A BaseException (like KeyboardInterrupt), so that no reader's ``except Exception`` retry loop
+    swallows it."""
 
 
 class StopRequest:
@@ -80,14 +82,19 @@ class StopRequest:
         self.requested = False
         self.stall_s = stall_s
         self.waiting_for_data: int | None = None  # the step whose batch is being fetched, if any
+        self.stalled = False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _handle(self, signum, frame):
         if self.requested:
-            where = (f" while waiting for the data of step {self.waiting_for_data}"
-                     if self.waiting_for_data is not None else "")
-            raise StopNow(f"stop requested again{where}: exiting now without a checkpoint "
-                          "(the newest complete checkpoint stays the resume point)")
+            step, self.waiting_for_data = self.waiting_for_data, None  # also ends the watchdog
+            if self.stalled:
+                why = (f"stop requested, and the data reader has been blocked for more than parallel.timeout_s="
+                       f"{self.stall_s:g} s (step {step})")
+            else:
+                why = "stop requested again" + (f" while waiting for the data of step {step}" if step else "")
+            raise StopNow(f"{why}: exiting now without a checkpoint (the newest complete checkpoint stays the "
+                          "resume point)")
         self.requested = True
         if self.waiting_for_data is not None:
             step = self.waiting_for_data
@@ -100,8 +107,7 @@ class StopRequest:
                 return
             time.sleep(0.2)
         if self.waiting_for_data == step:
-            print(f"stop requested, but the data reader has been blocked for more than parallel.timeout_s="
-                  f"{self.stall_s:g} s (step {step})", file=sys.stderr, flush=True)
+            self.stalled = True
             signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
     def restore(self) -> None:
@@ -362,11 +368,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
         train(cfg)
-    except (ConfigError, CheckpointError, TrainingError, RankLostError, RunDirError, BadDataError, StopNow,
+    except (ConfigError, CheckpointError, TrainingError, RankLostError, RunDirError, BadDataError,
             ValueError, OSError) as e:  # e.g. a shard named by data.shards is gone: a start-up error
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except StopNow as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        if exit_at_once_on_stop:  # freeing the stalled reader would wait for its child (e.g. a pipe: shard)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
+        return 2
     return 0
+
+
+exit_at_once_on_stop = False  # True when run as a command (python -m magitrain.train)
 
 
 def one_line(e: BaseException) -> str:
@@ -376,4 +392,5 @@ def one_line(e: BaseException) -> str:
 
 
 if __name__ == "__main__":
+    exit_at_once_on_stop = True
     sys.exit(main())
