@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from magitrain.checkpoint import MARKER, Checkpointer, CheckpointError, SafeFileSystemReader, SafeLoadPlanner
+from magitrain.checkpoint import MARKER, Checkpointer, CheckpointError, SafeFileSystemReader
 
 QUIET = ["log.progress=false", "log.tensorboard=false"]
 
@@ -201,8 +201,11 @@ class _Evil:
 def test_pickled_bytes_entries_are_refused(tmp_path):
     """DCP stores a non-tensor value as a pickle and reads it with ``torch.load(weights_only=False)``;
     our planner refuses such entries (the torch.load gadget of the issue)."""
-    import torch.distributed.checkpoint as dcp
     import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from magitrain.checkpoint import SafeLoadPlanner
 
     marker = tmp_path / "ran"
     with warnings.catch_warnings():

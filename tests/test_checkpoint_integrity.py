@@ -20,7 +20,13 @@ import torch
 from conftest import REPO
 
 from magitrain import generate, release, train
-from magitrain.checkpoint import MARKER, Checkpointer, CheckpointError, verify_checkpoint
+from magitrain.checkpoint import MARKER, Checkpointer, CheckpointError
+
+
+def verify_checkpoint(path):
+    from magitrain.checkpoint import verify_checkpoint as verify  # imported late: the test file loads on old code
+
+    return verify(path)
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 QUIET = ["log.progress=false", "log.tensorboard=false"]
@@ -158,3 +164,27 @@ def test_unreadable_marker_is_an_error_not_a_traceback(tmp_path):
     open(os.path.join(path, MARKER), "w").write('{"step": 1, "ti')
     with pytest.raises(CheckpointError, match="COMPLETE"):
         verify_checkpoint(path)
+
+
+def test_truncated_unverified_checkpoint_is_one_line(two_checkpoints, tmp_path, capsys):
+    """Without checksums (an older checkpoint) a truncated file still gives one line and exit 2:
+    DCP's CheckpointException is a BaseException, and its failures are (exception, stack) pairs."""
+    run = str(tmp_path / "run")
+    shutil.copytree(two_checkpoints, run)
+    for _, path in Checkpointer(run).complete_checkpoints():
+        os.remove(os.path.join(path, "sha256_00000.json"))
+        marker = json.load(open(os.path.join(path, MARKER)))
+        json.dump({"step": marker["step"], "world_size": 1}, open(os.path.join(path, MARKER), "w"))
+        data = os.path.join(path, "tensors", "__0_0.distcp")
+        os.truncate(data, os.path.getsize(data) // 2)
+    calls = {
+        "export": lambda: release.main(["export", run, str(tmp_path / "rel")]),
+        "init_from": lambda: _train(str(tmp_path / "init"), f"ckpt.init_from={run}", "train.steps=1"),
+        "generate": lambda: generate.main(["--ckpt", run, "--chunks", "1", "--prompt", "x", "--quiet",
+                                           "--out", str(tmp_path / "g.mp4")]),
+        "resume": lambda: _train(run, "ckpt.resume=auto", "train.steps=6"),
+    }
+    for name, call in calls.items():
+        assert call() == 2, name
+        err = [l for l in capsys.readouterr().err.strip().splitlines() if "Warning" not in l and "return func" not in l]
+        assert len(err) == 1 and err[0].startswith("error:") and "StackSummary" not in err[0], (name, err)

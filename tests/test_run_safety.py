@@ -27,8 +27,9 @@ import torch
 from conftest import REPO
 
 from magitrain import generate, train
-from magitrain.checkpoint import Checkpointer, verify_checkpoint
-from magitrain.run_dir import LOCK, RunDirError, RunLock
+from magitrain.checkpoint import Checkpointer
+
+LOCK = "run.lock"
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 QUIET = ["log.progress=false", "log.tensorboard=false"]
@@ -95,6 +96,8 @@ def test_second_trainer_on_the_same_run_dir_exits_2(tmp_path, capsys):
     assert first.returncode == 0, err[-2000:]
     steps = [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))]
     assert steps == list(range(1, len(steps) + 1))  # one writer, not interleaved
+    from magitrain.checkpoint import verify_checkpoint
+
     for _, path in Checkpointer(run).complete_checkpoints():
         assert verify_checkpoint(path)
     assert not os.path.exists(os.path.join(run, LOCK))  # released at exit
@@ -107,6 +110,8 @@ def _dead_pid() -> int:
 
 
 def test_stale_locks_are_taken_over(tmp_path):
+    from magitrain.run_dir import RunDirError, RunLock
+
     lock_path = tmp_path / LOCK
     lock_path.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "time": 0}))
     lock = RunLock(str(tmp_path))
