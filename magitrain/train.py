@@ -234,10 +234,16 @@ def _train_locked(cfg: Config, env: ParallelEnv) -> dict:
     init_path = resolve_init(cfg, resume_path)  # ckpt.init_from, or an imported weights-only checkpoint: step 0
     if init_path:
         resume_path = None
-    if not cfg.ckpt.resume and env.is_main:
-        moved = check_fresh_start(cfg.run.dir, ckpt.complete_checkpoints(), cfg.run.overwrite)
-        if moved:
-            print(moved, file=sys.stderr)
+    error = None
+    if not cfg.ckpt.resume and env.is_main:  # a fresh run: the folder must not hold another run's checkpoints
+        try:
+            moved = check_fresh_start(cfg.run.dir, ckpt.complete_checkpoints(), cfg.run.overwrite)
+            if moved:
+                print(moved, file=sys.stderr)
+        except (RunDirError, OSError) as e:
+            error = e
+    if not all_ranks_ok(error is None):
+        raise error or RunDirError(f"run.dir={cfg.run.dir}: refused by rank 0 (see its message)")
     changes = []
     if resume_path:
         changes = _resume_config_changes(resume_path, cfg)
