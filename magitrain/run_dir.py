@@ -30,7 +30,7 @@ STALE_AFTER_S = 300.0
 
 # keys a resume may change freely: length of the run, logging, evaluation, checkpoint cadence, and
 # the parallel layout (checkpoints reshard; the math is the same up to float rounding)
-SAFE_TO_CHANGE = ("train.steps", "log.", "ckpt.every", "ckpt.keep_last", "ckpt.resume", "ckpt.async_save",
+SAFE_TO_CHANGE = ("train.steps", "train.stop_at", "log.", "ckpt.every", "ckpt.keep_last", "ckpt.resume", "ckpt.async_save",
                   "ckpt.allow_config_change", "ckpt.init_from", "run.dir", "run.overwrite",
                   "train.max_bad_steps", "parallel.")
 

@@ -280,9 +280,11 @@ def _train_locked(cfg: Config, env: ParallelEnv) -> dict:
         logger.message(f"resumed from {resume_path} at step {state.step}")
         if changes:
             logger.message(f"config changed since the checkpoint: {describe_changes(changes)}")
-        if state.step >= cfg.train.steps:
-            logger.message(f"the checkpoint is at step {state.step}, train.steps={cfg.train.steps}: nothing to train "
-                           "(raise train.steps to continue this run)")
+        end = cfg.train.stop_at or cfg.train.steps
+        if state.step >= end:
+            key = f"train.stop_at={cfg.train.stop_at}" if cfg.train.stop_at else f"train.steps={cfg.train.steps}"
+            logger.message(f"the checkpoint is at step {state.step}, {key}: nothing to train "
+                           f"(raise {key.split('=')[0]} to continue this run)")
     stop = StopRequest(cfg.parallel.timeout_s)
     params = perf.count_params(model)  # throughput accounting: see magitrain/perf.py for the FLOPs formula
     peak_total = (cfg.log.peak_flops or perf.default_peak_flops(env.device)) * env.world_size
