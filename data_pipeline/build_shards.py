@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -122,16 +123,42 @@ def _png(video: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+class BuildError(ValueError):
+    """The build cannot start (no media, an output folder that already holds files)."""
+
+
 def build(args) -> dict:
-    os.makedirs(args.out, exist_ok=True)
+    """Write the shard set into a fresh temporary sibling of ``args.out`` and move it into place when
+    complete: ``args.out`` must be empty or absent, or ``--overwrite`` replaces the old set as a whole
+    (no stale ``shard-*.tar`` of an earlier build can survive next to the new manifest)."""
+    out = os.path.abspath(args.out).rstrip(os.sep)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not getattr(args, "overwrite", False):
+        raise BuildError(f"{args.out} is not empty; pass --overwrite to replace its shard set, or pick a new folder")
     files = find_media(args.src)
     if not files:
-        raise SystemExit(f"build_shards: no media files under {args.src}")
+        raise BuildError(f"no media files under {args.src}")
+    tmp = f"{out}.tmp-build-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        manifest = _build_into(args, files, tmp)
+        old = f"{out}.old-{os.getpid()}"
+        if os.path.exists(out):
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _build_into(args, files: list[str], folder: str) -> dict:
     builder = ShardBuilder(args)
     shards: dict[str, dict] = {}
     buckets: dict[str, dict] = {}
     skipped, used = [], set()
-    pattern = os.path.join(args.out, "shard-%06d.tar")
+    pattern = os.path.join(folder, "shard-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=args.max_shard_samples, maxsize=args.max_shard_size,
                          encoder=False, verbose=0) as writer:
         for path in tqdm(files, desc="build_shards", unit="file", disable=args.quiet):
@@ -157,7 +184,7 @@ def build(args) -> dict:
                 "samples": sum(s["samples"] for s in shards.values()),
                 "shards": [{"name": k, **v} for k, v in sorted(shards.items())],
                 "buckets": dict(sorted(buckets.items())), "skipped": skipped}
-    with open(os.path.join(args.out, "manifest.json"), "w") as f:
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
 
@@ -181,6 +208,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=2, help="for the manifest's token counts")
     p.add_argument("--t-patch-size", type=int, default=1, help="for the manifest's token counts")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace the shard set already in OUT (as a whole)")
     return p
 
 
@@ -189,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.latent_encoder == "none" and args.latent_dtype != "float16":
         print("build_shards: --latent-dtype needs --latent-encoder", file=sys.stderr)
         return 2
-    manifest = build(args)
+    try:
+        manifest = build(args)
+    except (BuildError, OSError) as e:
+        print(f"error: build_shards: {e}", file=sys.stderr)
+        return 2
     print(f"build_shards: {manifest['samples']} samples in {len(manifest['shards'])} shards, "
           f"{len(manifest['skipped'])} skipped -> {args.out}")
     return 0

@@ -178,6 +178,9 @@ class PackedSequences(IterableDataset):
         while s.epochs is None or pos["epoch"] < s.epochs:
             urls = epoch_shards(s.urls, s.seed, pos["epoch"], s.rank, s.world, worker, num_workers)
             read_before = counters["samples"]
+            yielded = 0  # raw samples this epoch handed on (a resume mid-epoch counts the restored ones)
+            if pos["shard_pos"] or pos["sample_pos"]:
+                yielded = 1
             while pos["shard_pos"] < len(urls):
                 url = urls[pos["shard_pos"]]
                 errors = []
@@ -193,12 +196,18 @@ class PackedSequences(IterableDataset):
                         continue  # read before the checkpoint
                     counters["samples"] += 1
                     pos["sample_pos"] = got
+                    yielded += 1
                     yield (pos["epoch"], pos["shard_pos"], got - 1), raw
                 self._account_shard(url, got, errors, counters, where)
                 pos["shard_pos"], pos["sample_pos"] = pos["shard_pos"] + 1, 0
-            if pos["unusable"] > counters["samples"] - read_before + s.shuffle_buffer > s.shuffle_buffer:
-                raise ValueError(f"{where}: a whole epoch gave no usable sample for curriculum stage "
-                                 f"'{s.stage.name}': every sample was bad or fit none of its buckets")
+            read_now = counters["samples"] - read_before  # read, or counted lost against the manifest
+            if yielded == 0:
+                raise BadDataError(f"{where}: epoch {pos['epoch']} of curriculum stage '{s.stage.name}' gave no "
+                                   f"readable sample ({read_now} lost in {len(urls)} shard(s)); see the "
+                                   "'data: shard=... read error' log lines")
+            if pos["unusable"] > read_now + s.shuffle_buffer:
+                raise BadDataError(f"{where}: a whole epoch gave no usable sample for curriculum stage "
+                                   f"'{s.stage.name}': every sample was bad or fit none of its buckets")
             pos["epoch"], pos["shard_pos"] = pos["epoch"] + 1, 0
 
     def _account_shard(self, url: str, got: int, errors: list, counters: dict, where: str) -> None:

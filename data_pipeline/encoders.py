@@ -70,6 +70,10 @@ class PatchEncoder:
         return ((rgb + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
 
 
+BUILTIN_LATENT = ("patch",)  # names, not module paths
+BUILTIN_TEXT = ("hash",)
+
+
 def _load_factory(spec: str):
     module, _, attr = spec.partition(":")
     if not module or not attr:

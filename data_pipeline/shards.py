@@ -26,14 +26,16 @@ def is_local(url: str) -> bool:
 
 
 def expand_shards(spec: str) -> list[str]:
-    """Brace-expand ``spec`` (``::`` separates lists; a directory means its ``*.tar``).
+    """Brace-expand ``spec`` (``::`` separates lists; a directory means the shards its
+    ``manifest.json`` lists, or its ``*.tar`` when it has none).
 
-    Local paths must exist: a missing one fails here, at start-up, naming it.
+    Local paths must exist: a missing one fails here, at start-up, naming it. A ``*.tar`` in a
+    folder that its manifest does not list (a stale shard of an older build) is an error too.
     """
     urls = []
     for url in wds.shardlists.expand_urls(spec):
         if is_local(url) and os.path.isdir(url):
-            urls.extend(sorted(glob.glob(os.path.join(url, "*.tar"))))
+            urls.extend(folder_shards(url))
         else:
             urls.append(url)
     if not urls:
@@ -43,6 +45,26 @@ def expand_shards(spec: str) -> list[str]:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"shard not found: {missing[0]}{more} (data.shards={spec!r})")
     return urls
+
+
+def folder_shards(folder: str) -> list[str]:
+    """The shards of a local folder: those its manifest lists (every one must exist, no other
+    ``*.tar`` may be there), or every ``*.tar`` when the folder has no manifest."""
+    tars = sorted(glob.glob(os.path.join(folder, "*.tar")))
+    manifest = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(manifest):
+        return tars
+    try:
+        with open(manifest) as f:
+            listed = [os.path.join(folder, e["name"]) for e in json.load(f).get("shards", [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{manifest}: cannot be read ({type(e).__name__}: {e})") from None
+    extra = sorted(set(tars) - set(listed))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise ValueError(f"{folder}: {os.path.basename(extra[0])}{more} is not listed in {MANIFEST} (a stale shard "
+                         "of an older build?); remove it or rebuild the folder with build_shards --overwrite")
+    return listed
 
 
 def load_manifest_counts(urls: list[str], manifest: str = "") -> dict[str, int]:

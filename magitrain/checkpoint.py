@@ -9,8 +9,10 @@ Layout of a run's checkpoints::
                           hyper-parameters, ...) with each tensor leaf as {"__tensor__": key}
         rank_00000.json   per-rank state (data position, RNG), one file per rank
         config.yaml       the resolved config of the run that wrote it
+        sha256_00000.json per-rank checksums: SHA-256 and size of every file that rank wrote
         COMPLETE          written last, by rank 0, after every rank finished: a folder without
-                          it is ignored by ``resume=auto``
+                          it is ignored by ``resume=auto``; holds the SHA-256 of every rank's
+                          checksum file, the run's lineage id and a digest of itself
 
 A checkpoint is written into a hidden temporary folder and renamed into place after its marker
 is written, so a crash (or a full disk) mid-save never leaves a half-written checkpoint where
@@ -20,10 +22,18 @@ Resharding: tensors are stored under their fully-qualified names with their glob
 (FSDP2/TP shards are DTensors), so a checkpoint saved under one dp x cp x tp layout loads under
 any other, or on one process, with identical values (DCP reads the overlapping pieces).
 
+Integrity: every rank hashes the files it wrote once, right after writing them (a second read,
+from the page cache; DCP's writer offers no hook to hash the stream), into its checksum file.
+:func:`verify_checkpoint` checks every file against them before anything is loaded (resume,
+init_from, export, generate); ``resume=auto`` falls back from a damaged newest checkpoint to the
+previous complete one, naming both. Pruning removes only checkpoints of this run's lineage
+(``run_id`` in the marker, inherited on resume).
+
 Safe loading (no arbitrary unpickling): DCP writes tensor data with ``torch.save`` and reads
 it with ``torch.load(weights_only=True)``; its ``.metadata`` index is a pickle, which we read
-with an unpickler that only builds DCP's own metadata classes, ``torch.Size``, dtypes and
-paths (:class:`SafeFileSystemReader`). We never store non-tensor objects in DCP (DCP would
+with an unpickler that builds only an exact list of classes (DCP's metadata dataclasses,
+``torch.Size``, dtypes, paths; no modules, no dotted names: :class:`SafeFileSystemReader`), and
+the load planner refuses DCP's pickled "bytes" entries (:class:`SafeLoadPlanner`). We never store non-tensor objects in DCP (DCP would
 ``torch.load(weights_only=False)`` them): those go to JSON. Old single-file ``state.pt``
 checkpoints still load with ``weights_only=True``.
 """
@@ -31,6 +41,7 @@ checkpoints still load with ``weights_only=True``.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import pickle
@@ -41,6 +52,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from magitrain.parallel import collectives
@@ -51,6 +63,8 @@ STATE_JSON = "state.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TENSOR = "__tensor__"
 _INLINE = "__inline_tensor__"
+CHECKSUMS = "sha256_{rank:05d}.json"
+_CHECKSUM_FILE = re.compile(r"^sha256_(\d{5})\.json$")
 
 
 class CheckpointError(RuntimeError):
@@ -61,19 +75,35 @@ class CheckpointError(RuntimeError):
 # Safe reading of DCP metadata
 # ------------------------------------------------------------------------------------------
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds only what DCP's ``.metadata`` legitimately holds; anything else is refused."""
+_METADATA_CLASSES = ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                     "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+_TORCH_VALUES = tuple(n for n in dir(torch) if isinstance(getattr(torch, n, None), (torch.dtype, torch.memory_format)))
 
-    _ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-                ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only what DCP's ``.metadata`` legitimately holds: an exact list of (module, name)
+    pairs, each a class or value (no module objects, no dotted names, no functions but
+    ``torch.serialization._get_layout``, which maps a layout name to ``torch.strided`` etc.)."""
+
+    _ALLOWED = frozenset({("torch.distributed.checkpoint.metadata", n) for n in _METADATA_CLASSES}
+                         | {("torch", n) for n in _TORCH_VALUES}
+                         | {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                            ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+                            ("pathlib", "PureWindowsPath")})
 
     def find_class(self, module, name):
-        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self._ALLOWED:
+        if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
-            return getattr(torch, name)
         raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from checkpoint metadata")
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, except that a "bytes" entry (DCP would ``torch.load(weights_only=False)``
+    it) is refused: our checkpoints never store one."""
+
+    def load_bytes(self, read_item, value) -> None:
+        raise CheckpointError(f"refusing to unpickle the non-tensor entry '{read_item.dest_index.fqn}' of a checkpoint")
 
 
 class SafeFileSystemReader(dcp.FileSystemReader):
@@ -84,7 +114,7 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         try:
             with open(path, "rb") as f:
                 metadata = _MetadataUnpickler(f).load()
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+        except Exception as e:  # noqa: BLE001 - refused names, truncation, bad arguments to an allowed class
             raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
         if not isinstance(metadata, Metadata):
             raise CheckpointError(f"{path}: not DCP metadata")
@@ -272,6 +302,96 @@ def _dcp_group(name: str = collectives.CPU):
     return collectives.cpu_group(name) if collectives.initialized() else None
 
 
+def all_ranks_ok(ok: bool) -> bool:
+    """True on every rank iff ``ok`` on every rank (the trainer's run-dir agreement)."""
+    return _all_ok(ok)
+
+
+# ------------------------------------------------------------------------------------------
+# Checksums
+# ------------------------------------------------------------------------------------------
+
+def sha256_file(path: str, block: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_of_rank(folder: str, rank: int) -> list[str]:
+    """The files (relative paths) rank ``rank`` wrote into a checkpoint folder being completed."""
+    tensors = os.path.join(folder, TENSORS)
+    mine = [f"rank_{rank:05d}.json"] + [f"{TENSORS}/{n}" for n in sorted(os.listdir(tensors))
+                                         if n.startswith(f"__{rank}_")]
+    if rank == 0:
+        skip = set(mine) | {MARKER}
+        for root, _, names in os.walk(folder):
+            for n in names:
+                rel = os.path.relpath(os.path.join(root, n), folder)
+                other_rank = re.fullmatch(r"rank_\d{5}\.json", rel) or (rel.startswith(f"{TENSORS}/__")
+                                                                         and rel.endswith(".distcp"))
+                if rel not in skip and not _CHECKSUM_FILE.match(rel) and not other_rank:
+                    mine.append(rel)
+    return sorted(mine)
+
+
+def _write_checksums(folder: str, rank: int) -> None:
+    files = {rel: {"sha256": sha256_file(os.path.join(folder, rel)), "bytes": os.path.getsize(os.path.join(folder, rel))}
+             for rel in _files_of_rank(folder, rank)}
+    _write_json(os.path.join(folder, CHECKSUMS.format(rank=rank)), {"files": files})
+
+
+def _marker_digest(marker: dict) -> str:
+    body = {k: v for k, v in marker.items() if k != "marker_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+_VERIFIED: set = set()  # (folder, marker mtime) verified in this process
+
+
+def verify_checkpoint(path: str, share: tuple[int, int] = (0, 1)) -> bool:
+    """Check every file of the checkpoint folder against its checksums (this ``(rank, world)``
+    share of the files); raises :class:`CheckpointError` naming the first bad file. Returns False
+    for a checkpoint written before checksums existed (nothing to check), True when verified."""
+    marker_path = os.path.join(path, MARKER)
+    try:
+        key = (os.path.abspath(path), os.stat(marker_path).st_mtime_ns, share)
+    except OSError as e:
+        raise CheckpointError(f"{marker_path}: cannot be read ({e.strerror})") from None
+    if key in _VERIFIED:
+        return True
+    marker = read_json(marker_path)
+    if not isinstance(marker, dict) or "step" not in marker:
+        raise CheckpointError(f"{marker_path}: damaged (not a checkpoint marker)")
+    if "checksums" not in marker:
+        return False  # an older checkpoint: no checksums were written
+    if marker.get("marker_sha256") != _marker_digest(marker):
+        raise CheckpointError(f"{marker_path}: damaged (its digest does not match its content)")
+    files: dict[str, dict] = {}
+    for name, digest in sorted(marker["checksums"].items()):
+        full = os.path.join(path, name)
+        if not os.path.exists(full):
+            raise CheckpointError(f"{full}: missing (the checkpoint's marker lists it)")
+        if sha256_file(full) != digest:
+            raise CheckpointError(f"{full}: damaged (SHA-256 differs from the one in {MARKER})")
+        files.update(read_json(full)["files"])
+    rank, world = share
+    for i, (rel, want) in enumerate(sorted(files.items())):
+        if i % world != rank:
+            continue
+        full = os.path.join(path, rel)
+        if not os.path.exists(full):
+            raise CheckpointError(f"{full}: missing from the checkpoint")
+        size = os.path.getsize(full)
+        if size != want["bytes"]:
+            raise CheckpointError(f"{full}: damaged ({size} bytes, {want['bytes']} when written)")
+        if sha256_file(full) != want["sha256"]:
+            raise CheckpointError(f"{full}: damaged (SHA-256 differs from the one written at save)")
+    _VERIFIED.add(key)
+    return True
+
+
 class Checkpointer:
     """Saves and finds checkpoints under ``run_dir/checkpoints``, keeping the last ``keep_last``.
 
@@ -287,10 +407,13 @@ class Checkpointer:
     during the write leaves the previous checkpoint the newest complete one.
     """
 
-    def __init__(self, run_dir: str, keep_last: int = 3, async_save: bool = False):
+    def __init__(self, run_dir: str, keep_last: int = 3, async_save: bool = False, verify: bool = True,
+                 run_id: str | None = None):
         self.root = os.path.join(run_dir, "checkpoints")
         self.keep_last = keep_last
         self.async_save = async_save
+        self.verify = verify
+        self.run_id = run_id  # lineage: pruning removes only checkpoints with this id in their marker
         self._pending = None  # (future, tmp, final, step)
 
     def path_for(self, step: int) -> str:
@@ -312,12 +435,25 @@ class Checkpointer:
         done = self.complete_checkpoints()
         return done[-1][1] if done else None
 
-    def resolve(self, resume: str) -> str | None:
-        """``''`` -> None (fresh run); ``auto`` -> newest complete or None; else a checked path."""
+    def resolve(self, resume: str, log=print) -> str | None:
+        """``''`` -> None (fresh run); ``auto`` -> newest complete and intact checkpoint (a damaged
+        newest one is skipped with a warning naming both) or None; else a checked path (collective
+        when torch.distributed is initialized: the ranks share the checksum work)."""
         if not resume:
             return None
         if resume == "auto":
-            return self.latest()
+            damaged = []
+            for _, path in reversed(self.complete_checkpoints()):
+                reason = self._damage(path)
+                if reason is None:
+                    if damaged:
+                        log(f"warning: checkpoint {damaged[0][0]} is damaged ({damaged[0][1]}); resuming from "
+                            f"the previous complete checkpoint {path}")
+                    return path
+                damaged.append((path, reason))
+            if damaged:
+                raise CheckpointError(f"ckpt.resume=auto: every complete checkpoint is damaged; newest: {damaged[0][1]}")
+            return None
         path = resume
         if os.path.isdir(path) and not os.path.exists(os.path.join(path, MARKER)):
             # a run dir: take its newest checkpoint
@@ -327,7 +463,34 @@ class Checkpointer:
             path = inner
         if not os.path.exists(os.path.join(path, MARKER)):
             raise CheckpointError(f"ckpt.resume={resume}: not a complete checkpoint folder")
+        reason = self._damage(path)
+        if reason is not None:
+            raise CheckpointError(f"ckpt.resume={resume}: {reason}")
         return path
+
+    def _damage(self, path: str) -> str | None:
+        """Why the checkpoint at ``path`` is damaged (agreed by every rank), or None."""
+        if not self.verify:
+            return None
+        rank, world = _dist()
+        reason = None
+        try:
+            verify_checkpoint(path, (rank, world))
+        except CheckpointError as e:
+            reason = str(e)
+        if _all_ok(reason is None):
+            return None
+        return reason or f"{path}: damaged (found by another rank, see its message)"
+
+    @staticmethod
+    def marker(path: str) -> dict:
+        """The checkpoint's marker (step, world size, run_id, checksums); {} if unreadable."""
+        try:
+            with open(os.path.join(path, MARKER)) as f:
+                out = json.load(f)
+            return out if isinstance(out, dict) else {}
+        except (OSError, ValueError):
+            return {}
 
     # --- saving ---------------------------------------------------------------------------
 
@@ -397,18 +560,32 @@ class Checkpointer:
         self._complete(tmp, final, step, error)
 
     def _complete(self, tmp: str, final: str, step: int, error: Exception | None) -> str:
-        """All ranks finished writing: rank 0 writes the marker last and renames into place."""
+        """All ranks finished writing: each hashes its files, then rank 0 writes the marker last and
+        renames into place."""
         rank, world = _dist()
+        if error is None:
+            try:
+                _write_checksums(tmp, rank)
+            except OSError as e:
+                error = e
         if _all_ok(error is None) and rank == 0:
             try:
+                sums = {CHECKSUMS.format(rank=r): sha256_file(os.path.join(tmp, CHECKSUMS.format(rank=r)))
+                        for r in range(world)}
+                marker = {"step": step, "time": time.time(), "world_size": world, "format": "dcp",
+                          "run_id": self.run_id, "checksums": sums}
+                marker["marker_sha256"] = _marker_digest(marker)
                 with open(os.path.join(tmp, MARKER), "w") as f:
-                    json.dump({"step": step, "time": time.time(), "world_size": world, "format": "dcp"}, f)
+                    json.dump(marker, f)
                     f.flush()
                     os.fsync(f.fileno())
                 if os.path.exists(final):
+                    if self.marker(final).get("run_id") != self.run_id and self.marker(final):
+                        raise CheckpointError(f"{final} belongs to another run (run_id "
+                                              f"{self.marker(final).get('run_id')}); not replacing it")
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-            except OSError as e:
+            except (OSError, CheckpointError) as e:
                 error = e
         failed = not _all_ok(error is None)
         if failed:
@@ -423,14 +600,16 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
-        done = self.complete_checkpoints()
-        for _, path in done[: max(0, len(done) - self.keep_last)]:
+        """Keep the newest ``keep_last`` checkpoints of this run's lineage; never touch another run's."""
+        mine = [(s, p) for s, p in self.complete_checkpoints() if self.marker(p).get("run_id") == self.run_id]
+        for _, path in mine[: max(0, len(mine) - self.keep_last)]:
             shutil.rmtree(path, ignore_errors=True)
 
     # --- loading --------------------------------------------------------------------------
 
     @staticmethod
-    def load_into(path: str, state: dict, per_rank: dict | None = None, layout: dict | None = None) -> None:
+    def load_into(path: str, state: dict, per_rank: dict | None = None, layout: dict | None = None,
+                  verify: bool = True) -> None:
         """Load a checkpoint into live objects (collective): every ``state`` entry (objects with
         ``load_state_dict``) gets its saved state, tensors resharded to the current layout;
         ``per_rank`` objects get the state saved by the rank :func:`per_rank_source` picks (this
@@ -438,6 +617,8 @@ class Checkpointer:
         per-rank state can continue under a changed dp size is its own object's call (the
         WebDataset source refuses; the synthetic one is exact)."""
         rank, world = _dist()
+        if verify:
+            verify_checkpoint(path, (0, 1))
         saved = read_json(os.path.join(path, STATE_JSON))
         template = _as_tree(state)
         for name in template:
@@ -464,6 +645,8 @@ class Checkpointer:
             return _load_legacy(path, map_location)
         if not os.path.exists(os.path.join(path, STATE_JSON)):
             raise CheckpointError(f"{path}: no {STATE_JSON} (not a checkpoint folder)")
+        if os.path.exists(os.path.join(path, MARKER)):
+            verify_checkpoint(path)
         saved = read_json(os.path.join(path, STATE_JSON))
         metadata = SafeFileSystemReader(os.path.join(path, TENSORS)).read_metadata()
         tensors = {}
@@ -514,7 +697,8 @@ def _load_tensors(path: str, tensors: dict, no_dist: bool) -> None:
             raise CheckpointError(f"{path}: tensor '{key}' has shape {list(md.size)} in the checkpoint, "
                                   f"{list(t.shape)} now")
     try:
-        dcp.load(tensors, storage_reader=reader, no_dist=no_dist, process_group=None if no_dist else _dcp_group())
+        dcp.load(tensors, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=no_dist,
+                 process_group=None if no_dist else _dcp_group())
     except CheckpointError:
         raise
     except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001
@@ -527,8 +711,11 @@ def _reason(error: BaseException) -> str:
     if isinstance(failures, dict) and failures:
         rank, wrapped = sorted(failures.items())[0]
         inner = getattr(wrapped, "exception", wrapped)
+        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
+            inner = inner[0]  # DCP's (exception, StackSummary) pairs
         return f"rank {rank}: {_reason(inner)}"
-    return f"{type(error).__name__}: {getattr(error, 'strerror', None) or error}"
+    text = " ".join(str(getattr(error, "strerror", None) or error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _load_legacy(path: str, map_location) -> dict:
@@ -541,4 +728,4 @@ def _load_legacy(path: str, map_location) -> dict:
 
 
 __all__ = ["MARKER", "CheckpointError", "Checkpointer", "ModelState", "OptimizerState", "RNGState",
-           "SafeFileSystemReader"]
+           "SafeFileSystemReader", "SafeLoadPlanner", "all_ranks_ok", "sha256_file", "verify_checkpoint"]

@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:13s} {help_text}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
+    if hasattr(module, "exit_at_once_on_stop"):  # a command, as with python -m: see magitrain.train.StopNow
+        module.exit_at_once_on_stop = True
     return module.main(argv[1:]) or 0
 
 

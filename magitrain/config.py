@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     dir: str = "runs/default"  # output folder: config, metrics.jsonl, TensorBoard, checkpoints
+    overwrite: bool = False  # a fresh run in a folder holding checkpoints: move the old run aside (else an error)
 
 
 @dataclass
@@ -167,7 +168,8 @@ class CkptConfig:
     keep_last: int = 3
     init_from: str = ""  # start a new run from these weights
     async_save: bool = False
-
+    allow_config_change: bool = False  # resume with changed keys beyond magitrain.run_dir.SAFE_TO_CHANGE
+    verify: bool = True  # check every checkpoint file's SHA-256 when loading
 
 @dataclass
 class LogConfig:
@@ -287,6 +289,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _choice("train.dtype", cfg.train.dtype, ("fp32", "bf16"))
     _positive("ckpt.every", cfg.ckpt.every, zero_ok=True)
     _positive("ckpt.keep_last", cfg.ckpt.keep_last)
+    o = cfg.optim
+    _positive("optim.lr", o.lr, zero_ok=True)
+    _positive("optim.eps", o.eps, zero_ok=True)
+    _positive("optim.weight_decay", o.weight_decay, zero_ok=True)
+    _positive("optim.warmup_steps", o.warmup_steps, zero_ok=True)
+    _positive("optim.grad_clip", o.grad_clip)
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay={cfg.optim.ema_decay} must be in [0, 1)")
     _positive("log.peak_flops", cfg.log.peak_flops, zero_ok=True)
@@ -303,9 +315,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
         schema = OmegaConf.structured(Config)
         layers = [schema]
         if path:
-            if not os.path.exists(path):
-                raise ConfigError(f"config file not found: {path}")
-            layers.append(OmegaConf.load(path))
+            layers.append(_load_yaml_file(path))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
@@ -317,6 +327,28 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
         raise ConfigError(_omegaconf_message(e)) from None
     validate(cfg, world_size)
     return cfg
+
+
+def _load_yaml_file(path: str):
+    """The YAML mapping in ``path``, or a :class:`ConfigError` (missing, a folder, bad YAML, not a mapping)."""
+    import yaml
+
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a directory, not a YAML file")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path}: YAML syntax error{where}: {getattr(e, 'problem', None) or e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections (run:, model:, ...), "
+                          f"got a {type(loaded).__name__.replace('Config', '').lower()}")
+    return loaded
 
 
 def _omegaconf_message(e: OmegaConfBaseException) -> str:

@@ -138,7 +138,8 @@ def build_shards(media: str, out: str, cfg: Config, count: int, shards: int = SH
         media, out, "--latent-encoder", "patch", "--latent-channels", str(m.in_channels),
         "--text-encoder", "hash", "--text-dim", str(m.caption_channels), "--text-len", str(m.caption_max_length),
         "--max-shard-samples", str(-(-count // shards)), "--patch-size", str(m.patch_size),
-        "--t-patch-size", str(m.t_patch_size), "--size", f"{size}x{size}", "--quiet"])
+        "--t-patch-size", str(m.t_patch_size), "--size", f"{size}x{size}", "--quiet",
+        "--overwrite"])  # the demo's own set, rebuilt
     return bs.build(args)
 
 
@@ -166,10 +167,11 @@ def training_phases(cfg: Config) -> list[tuple[str, list[str]]]:
     split = cfg.data.curriculum[-2].until_step if len(cfg.data.curriculum) > 1 else 0
     tp_layout = ["parallel.dp=2", "parallel.cp=1", "parallel.tp=2"]
     cp_layout = ["parallel.dp=2", "parallel.cp=2", "parallel.tp=1"]
+    fresh = ["run.overwrite=true"]  # a rerun of the demo moves its previous run aside (run.dir.replaced-TIME)
     if not 0 < split < cfg.train.steps:
-        return [(f"steps 1-{cfg.train.steps} on dp=2 x cp=2", cp_layout)]
+        return [(f"steps 1-{cfg.train.steps} on dp=2 x cp=2", cp_layout + fresh)]
     names = " -> ".join(s.name for s in cfg.data.curriculum[:-1])
-    return [(f"{names}: steps 1-{split} on dp=2 x tp=2", tp_layout + [f"train.stop_at={split}"]),
+    return [(f"{names}: steps 1-{split} on dp=2 x tp=2", tp_layout + [f"train.stop_at={split}"] + fresh),
             (f"{cfg.data.curriculum[-1].name}: steps {split + 1}-{cfg.train.steps} resumed (resharded) on "
              f"dp=2 x cp=2", cp_layout + ["ckpt.resume=auto"])]
 

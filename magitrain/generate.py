@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from magitrain.config import Config, ConfigError, ModelConfig, load_config
-from magitrain.data_pipeline.encoders import build_latent_encoder, build_text_encoder
+from magitrain.checkpoint import CheckpointError
+from magitrain.data_pipeline.encoders import BUILTIN_LATENT, BUILTIN_TEXT, build_latent_encoder, build_text_encoder
 from magitrain.model import MagiDiT
 from magitrain.sampler import SOLVERS, ChunkSampler, SamplerConfig
 
@@ -198,7 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", help="clean start: latent .npy [C, T, H, W], or an image / video file")
     p.add_argument("--height", type=int, help="latent height (default: the training data's)")
     p.add_argument("--width", type=int, help="latent width (default: the training data's)")
-    p.add_argument("--decoder", help="patch | module:factory (default: the run's data.latent_encoder)")
+    p.add_argument("--decoder", help="patch | module:factory (default: the run's data.latent_encoder; a module "
+                   "named there is imported only with --trust-config-code)")
+    p.add_argument("--text-encoder", help="hash | module:factory (default: the run's data.text_encoder; a module "
+                   "named there is imported only with --trust-config-code)")
+    p.add_argument("--trust-config-code", action="store_true",
+                   help="import the encoder modules that the checkpoint's config.yaml names")
     p.add_argument("--decoder-weights", default="", help="local weights for a custom decoder factory")
     p.add_argument("--config", help="refuse the checkpoint unless its model config equals this YAML's")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
@@ -212,20 +218,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse values that would silently mean something else (0 steps, NaN scales, a folder as --out)."""
+    import math
+
+    if args.chunks < 1:
+        raise ValueError(f"--chunks={args.chunks} must be >= 1")
+    for flag, value in (("--steps", args.steps), ("--height", args.height), ("--width", args.width)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}={value} must be >= 1")
+    if args.max_context is not None and args.max_context < 0:
+        raise ValueError(f"--max-context={args.max_context} must be >= 0")
+    if args.window < 1 or args.fps < 1:
+        raise ValueError(f"--window={args.window} and --fps={args.fps} must be >= 1")
+    for flag, value in (("--cfg-scale", args.cfg_scale), ("--history-scale", args.history_scale),
+                        ("--shift", args.shift)):
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{flag}={value} must be a finite number")
+    if args.shift is not None and args.shift <= 0:
+        raise ValueError(f"--shift={args.shift} must be > 0")
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a directory; give the .mp4 file to write")
+
+
+def _encoder_spec(flag_value: Optional[str], config_value: str, key: str, flag: str, builtins, trusted: bool) -> str:
+    """The encoder to build: the command line's, else the checkpoint config's if it is a built-in name
+    or the user passed --trust-config-code (a module path in a downloaded config is code)."""
+    if flag_value:
+        return flag_value
+    if config_value in builtins or trusted:
+        return config_value
+    raise ValueError(f"the checkpoint's config names {key}={config_value!r}, a module that would be imported and "
+                     f"run; pass {flag} {config_value} or --trust-config-code if you trust it")
+
+
 def run(args: argparse.Namespace) -> dict:
     """Generate as ``args`` say; returns a summary (paths, chunks, frames)."""
     from tqdm import tqdm
 
+    check_args(args)
     expected = load_config(args.config).model if args.config else None
     cfg, model = load_model(args.ckpt, prefer_ema=not args.no_ema, expected=expected, device=args.device)
     m, d = cfg.model, cfg.data
-    height, width = args.height or d.height, args.width or d.width
-    decoder = build_latent_encoder(args.decoder or d.latent_encoder, m.in_channels, args.decoder_weights
-                                   or d.latent_encoder_weights)
-    text = build_text_encoder(d.text_encoder, m.caption_channels, m.caption_max_length, d.text_encoder_weights)
+    height = args.height if args.height is not None else d.height
+    width = args.width if args.width is not None else d.width
+    if height % m.patch_size or width % m.patch_size:
+        raise ValueError(f"--height {height} / --width {width} must be multiples of the model's patch size {m.patch_size}")
+    trusted = getattr(args, "trust_config_code", False)
+    decoder_spec = _encoder_spec(args.decoder, d.latent_encoder, "data.latent_encoder", "--decoder", BUILTIN_LATENT,
+                                 trusted)
+    text_spec = _encoder_spec(getattr(args, "text_encoder", None), d.text_encoder, "data.text_encoder",
+                              "--text-encoder", BUILTIN_TEXT, trusted)
+    decoder = build_latent_encoder(decoder_spec, m.in_channels, args.decoder_weights or d.latent_encoder_weights)
+    text = build_text_encoder(text_spec, m.caption_channels, m.caption_max_length, d.text_encoder_weights)
     schedule = read_prompt_schedule(args.prompt_schedule) if args.prompt_schedule else {}
-    if args.chunks < 1:
-        raise ValueError(f"--chunks={args.chunks} must be >= 1")
     emb, mask = chunk_captions(args.chunks, args.prompt, schedule, text, m)
     prefix = load_prefix(args.prefix, decoder, height, width) if args.prefix else None
     steps, shift = args.steps, args.shift
@@ -269,8 +315,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = run(args)
-    except (ValueError, ConfigError, FileNotFoundError) as e:  # WeightsError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, ConfigError, CheckpointError, OSError) as e:  # WeightsError is a ValueError
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"wrote {summary['video']} ({summary['frames']} frames, {summary['chunks']} chunks) "
           f"and {summary['latents']}" + (f"; contact sheet {summary['contact_sheet']}" if "contact_sheet" in summary

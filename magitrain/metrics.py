@@ -24,7 +24,7 @@ class MetricsLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self._truncate_after(start_step)
+        self.dropped = self._truncate_after(start_step)
         self.file = open(self.path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -33,14 +33,30 @@ class MetricsLogger:
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
-    def _truncate_after(self, start_step: int) -> None:
-        """On resume, drop lines of steps after the checkpoint (they will be redone)."""
+    def _truncate_after(self, start_step: int) -> int:
+        """On resume, drop lines of steps after the checkpoint (they will be redone), and lines that
+        are not JSON (a line torn by a crash or a full disk); returns how many were torn."""
         if not os.path.exists(self.path):
-            return
+            return 0
+        keep, torn = [], 0
         with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]
-        with open(self.path, "w") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    torn += 1
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= start_step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
             f.writelines(keep)
+        os.replace(tmp, self.path)
+        if torn:
+            print(f"{self.path}: dropped {torn} torn line(s) (not JSON; a crash mid-write)")
+        return torn
 
     def log(self, record: dict) -> None:
         if not self.enabled:

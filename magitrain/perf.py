@@ -89,13 +89,19 @@ class StageSummary:
     end, :meth:`update` / :meth:`finish` return a one-line summary and append it to
     ``run_dir/stages.jsonl`` (rank 0 only)."""
 
-    def __init__(self, run_dir: str, peak_total: float, enabled: bool, start_step: int = 0):
+    def __init__(self, run_dir: str, peak_total: float, enabled: bool, start_step: int = 0, skipped_before: int = 0):
         self.path = os.path.join(run_dir, "stages.jsonl")
+        self._skipped_seen = skipped_before  # data_skipped before the next record's step (a stage starts from it)
         self.peak_total, self.enabled = peak_total, enabled
         self.cur: _Stage | None = None
         if enabled and os.path.exists(self.path):  # a resume redoes the steps after its checkpoint
+            rows = []
             with open(self.path) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+                for line in f:
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:  # a torn line (crash mid-write): dropped
+                        continue
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows if r["first_step"] + r["steps"] - 1 <= start_step)
 
@@ -106,8 +112,7 @@ class StageSummary:
         if self.cur is not None and self.cur.name != name:
             done = self._close()
         if self.cur is None:
-            skipped = int(record.get("data_skipped", 0))
-            self.cur = _Stage(name, record["step"], skipped_at_start=skipped)
+            self.cur = _Stage(name, record["step"], skipped_at_start=self._skipped_seen)
         s = self.cur
         s.steps += 1
         s.time_s += record["step_time_s"]
@@ -117,7 +122,8 @@ class StageSummary:
         s.imbalance_sum += record.get("cp_area_imbalance", 1.0)
         remote = record.get("cp_remote_kv_tokens", [])
         s.remote_kv = [a + b for a, b in zip(s.remote_kv, remote)] if s.remote_kv else list(remote)
-        s.skipped = int(record.get("data_skipped", 0)) - s.skipped_at_start
+        self._skipped_seen = int(record.get("data_skipped", 0))
+        s.skipped = self._skipped_seen - s.skipped_at_start
         return done
 
     def finish(self) -> str | None:

@@ -13,26 +13,32 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 
 from magitrain import perf
-from magitrain.checkpoint import Checkpointer, CheckpointError, ModelState, OptimizerState, RNGState
+from magitrain.checkpoint import (Checkpointer, CheckpointError, ModelState, OptimizerState, RNGState, _reason,
+                                  all_ranks_ok)
 from magitrain.config import Config, ConfigError, load_config, save_config, to_yaml
 from magitrain.data import build_data_source
 from magitrain.diffusion import NoisedBatch, masked_sq_error, noise_batch
 from magitrain.distill import ShortcutDistillation, load_init
 from magitrain.ema import EMA
 from magitrain.metrics import MetricsLogger
+from magitrain.data_pipeline.dataset import BadDataError
 from magitrain.model import MagiDiT
 from magitrain.parallel import collectives
 from magitrain.parallel.context_parallel import take_plan_stats
 from magitrain.parallel.deepspeed_engine import EngineModelState, EngineOptimizerState, is_engine, unwrap
 from magitrain.parallel.mesh import ParallelEnv, RankLostError, init_parallel, report_lost_ranks
 from magitrain.parallel.parallelize import attach_optimizer, clip_grad_norm_, parallelize_model
+from magitrain.run_dir import (RunDirError, RunLock, check_fresh_start, check_run_dir_path, config_changes,
+                               describe_changes, unsafe_changes)
 from magitrain.weights import resolve_init
 
 
@@ -57,16 +63,56 @@ class TrainState:
             setattr(self, k, int(v))
 
 
-class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM's warning) ask for a checkpoint at the next step boundary."""
+class StopNow(BaseException):
+    """A second stop signal, or a stop request while the data reader stalls: exit without saving.
+    A BaseException (like KeyboardInterrupt), so that no reader's ``except Exception`` retry loop
+    swallows it."""
 
-    def __init__(self):
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM's warning) ask for a checkpoint at the next step boundary.
+
+    A second signal raises :class:`StopNow` at once, wherever the main thread is (also inside a
+    blocked read: the handler runs when the read returns EINTR). A first signal that arrives
+    while the trainer waits for data starts a watchdog: if the data still has not come after
+    ``stall_s`` seconds, it delivers the second signal itself.
+    """
+
+    def __init__(self, stall_s: float = 120.0):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.stall_s = stall_s
+        self.waiting_for_data: int | None = None  # the step whose batch is being fetched, if any
+        self.stalled = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _handle(self, signum, frame):
+        if self.requested:
+            step, self.waiting_for_data = self.waiting_for_data, None  # also ends the watchdog
+            if self.stalled:
+                why = (f"stop requested, and the data reader has been blocked for more than parallel.timeout_s="
+                       f"{self.stall_s:g} s (step {step})")
+            else:
+                why = "stop requested again" + (f" while waiting for the data of step {step}" if step else "")
+            raise StopNow(f"{why}: exiting now without a checkpoint (the newest complete checkpoint stays the "
+                          "resume point)")
         self.requested = True
+        if self.waiting_for_data is not None:
+            step = self.waiting_for_data
+            threading.Thread(target=self._watch_stall, args=(step,), daemon=True).start()
+
+    def _watch_stall(self, step: int) -> None:
+        deadline = time.monotonic() + self.stall_s
+        while time.monotonic() < deadline:
+            if self.waiting_for_data != step:
+                return
+            time.sleep(0.2)
+        if self.waiting_for_data == step:
+            self.stalled = True
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def agreed(self, env: ParallelEnv) -> bool:
         """True on every rank if any rank was signalled (so all save the same step): host-side
@@ -159,9 +205,46 @@ def train_step(model, micro_batches, cfg: Config, env: ParallelEnv, step: int, o
 def train(cfg: Config) -> dict:
     """Run (or resume) training as configured; returns the last logged record."""
     env = init_parallel(cfg)
+    lock = RunLock(cfg.run.dir)
+    error = None
+    if env.is_main:  # one trainer per run dir: rank 0 holds the lock for the whole run
+        try:
+            check_run_dir_path(cfg.run.dir)
+            lock.acquire()
+        except (RunDirError, OSError) as e:
+            error = e
+    if not all_ranks_ok(error is None):
+        raise error or RunDirError(f"run.dir={cfg.run.dir}: rank 0 could not take the run directory (see its message)")
+    try:
+        if lock.took_over:
+            print(lock.took_over, file=sys.stderr)
+        return _train_locked(cfg, env)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: Config, env: ParallelEnv) -> dict:
     torch.manual_seed(cfg.train.seed)
+    ckpt = Checkpointer(cfg.run.dir, cfg.ckpt.keep_last, async_save=cfg.ckpt.async_save, verify=cfg.ckpt.verify)
+    resume_path = ckpt.resolve(cfg.ckpt.resume, log=lambda m: env.is_main and print(m, file=sys.stderr))
+    init_path = resolve_init(cfg, resume_path)  # ckpt.init_from, or an imported weights-only checkpoint: step 0
+    if init_path:
+        resume_path = None
+    error = None
+    if not cfg.ckpt.resume and env.is_main:  # a fresh run: the folder must not hold another run's checkpoints
+        try:
+            moved = check_fresh_start(cfg.run.dir, ckpt.complete_checkpoints(), cfg.run.overwrite)
+            if moved:
+                print(moved, file=sys.stderr)
+        except (RunDirError, OSError) as e:
+            error = e
+    if not all_ranks_ok(error is None):
+        raise error or RunDirError(f"run.dir={cfg.run.dir}: refused by rank 0 (see its message)")
+    changes = []
+    if resume_path:
+        changes = _resume_config_changes(resume_path, cfg)
+    ckpt.run_id = (Checkpointer.marker(resume_path).get("run_id") if resume_path else None) or uuid.uuid4().hex
     model = MagiDiT(cfg.model).to(env.device)
-    init_path = resolve_init(cfg)  # ckpt.init_from, or an imported weights-only checkpoint: new run, step 0
     if init_path:
         load_init(model, init_path)
     model = parallelize_model(model, env, cfg)
@@ -172,7 +255,6 @@ def train(cfg: Config) -> dict:
     ema = EMA(unwrap(model), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     data = build_data_source(cfg, env.dp_rank, env.dp)
     state = TrainState()
-    ckpt = Checkpointer(cfg.run.dir, cfg.ckpt.keep_last, async_save=cfg.ckpt.async_save)
 
     def stateful() -> dict:  # the same on every rank (tensors sharded as the model is)
         model_state, optim_state = ((EngineModelState(model), EngineOptimizerState(model, optimizer))
@@ -184,9 +266,9 @@ def train(cfg: Config) -> dict:
         return {"data": data, "rng": RNGState()}
 
     layout = {"dp": env.dp, "cp": env.cp, "tp": env.tp}
-    resume_path = None if init_path else ckpt.resolve(cfg.ckpt.resume)
     if resume_path:
-        Checkpointer.load_into(resume_path, stateful(), per_rank(), layout=layout)
+        Checkpointer.load_into(resume_path, stateful(), per_rank(), layout=layout,
+                               verify=False)  # verified by resolve()
 
     if env.is_main:
         save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
@@ -194,68 +276,95 @@ def train(cfg: Config) -> dict:
                            tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
     if resume_path:
         logger.message(f"resumed from {resume_path} at step {state.step}")
-    stop = StopRequest()
+        if changes:
+            logger.message(f"config changed since the checkpoint: {describe_changes(changes)}")
+        end = cfg.train.stop_at or cfg.train.steps
+        if state.step >= end:
+            key = f"train.stop_at={cfg.train.stop_at}" if cfg.train.stop_at else f"train.steps={cfg.train.steps}"
+            logger.message(f"the checkpoint is at step {state.step}, {key}: nothing to train "
+                           f"(raise {key.split('=')[0]} to continue this run)")
+    stop = StopRequest(cfg.parallel.timeout_s)
     params = perf.count_params(model)  # throughput accounting: see magitrain/perf.py for the FLOPs formula
     peak_total = (cfg.log.peak_flops or perf.default_peak_flops(env.device)) * env.world_size
-    stages = perf.StageSummary(cfg.run.dir, peak_total, env.is_main, state.step)
+    stages = perf.StageSummary(cfg.run.dir, peak_total, env.is_main, state.step,
+                               skipped_before=int(data.stats().get("data_skipped", 0)))
 
     def save() -> str:
         return ckpt.save(state.step, stateful(), to_yaml(cfg), per_rank=per_rank(), layout=layout)
 
-    record: dict = {}
-    last_saved = state.step if resume_path else -1
-    with report_lost_ranks(env, lambda: f"step {state.step + 1}"):  # a dead rank: a clear error, no hang
-        end = cfg.train.stop_at or cfg.train.steps  # stop_at: an early, resumable end (same lr schedule)
-        while state.step < end:
-            t0 = time.perf_counter()
-            micro = [data.next_batch() for _ in range(cfg.train.grad_accum)]
-            data_time = time.perf_counter() - t0
-            out = train_step(model, micro, cfg, env, state.step, optimizer, objective)
-            if out["finite"]:
-                scheduler.step()
-                if ema is not None:
-                    ema.update(unwrap(model))
-                state.bad_steps_in_row = 0
-            else:
-                state.bad_steps_in_row += 1
-                state.bad_steps_total += 1
-                logger.message(f"step {state.step + 1}: non-finite loss/grad ({out['loss']}, "
-                               f"{out['grad_norm']}), skipped")
-                if state.bad_steps_in_row > cfg.train.max_bad_steps:
-                    raise TrainingError(f"{state.bad_steps_in_row} non-finite steps in a row (train.max_bad_steps="
-                                        f"{cfg.train.max_bad_steps}); stopping. Lower optim.lr or check the data.")
-            state.step += 1
-            state.tokens_seen += out["tokens"]
-            dt = time.perf_counter() - t0
-            record = {"step": state.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
-                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": out["tokens"] / dt, "step_time_s": dt,
-                      "tokens_seen": state.tokens_seen, "bad_steps": state.bad_steps_total, **data.stats()}
-            area = all_reduce_sum(perf.masked_area(micro), env, env.group("dp"))
-            flops = perf.step_flops(params, out["tokens"], area, cfg.model)
-            record.update({"data_time_s": data_time, "attn_area": int(area), "model_flops": flops,
-                           "mfu": flops / dt / peak_total, **perf.cp_figures(take_plan_stats(model))})
-            if state.step % cfg.log.every == 0 or state.step == end:
-                logger.log(record)
-            summary = stages.update(record)  # a line per finished curriculum stage
-            if summary:
-                logger.message(summary)
-            ckpt.poll()  # an asynchronous checkpoint whose write finished everywhere becomes complete
-            stopping = stop.agreed(env)
-            if (cfg.ckpt.every and state.step % cfg.ckpt.every == 0) or stopping or state.step == end:
-                path = save()
-                last_saved = state.step
-                logger.message(f"checkpoint: {path}")
-            if stopping:
-                logger.message(f"stop requested: saved step {state.step}, exiting")
-                break
-    if last_saved != state.step and state.step > 0:
-        save()
-    ckpt.wait()
-    summary = stages.finish()
-    if summary:
-        logger.message(summary)
-    logger.close()
+    try:
+        record: dict = {}
+        last_saved = state.step if resume_path else -1
+        with report_lost_ranks(env, lambda: f"step {state.step + 1}"):  # a dead rank: a clear error, no hang
+            end = cfg.train.stop_at or cfg.train.steps  # stop_at: an early, resumable end (same lr schedule)
+            while state.step < end:
+                t0 = time.perf_counter()
+                stop.waiting_for_data = state.step + 1
+                micro = [data.next_batch() for _ in range(cfg.train.grad_accum)]
+                stop.waiting_for_data = None
+                data_time = time.perf_counter() - t0
+                out = train_step(model, micro, cfg, env, state.step, optimizer, objective)
+                if out["finite"]:
+                    scheduler.step()
+                    if ema is not None:
+                        ema.update(unwrap(model))
+                    state.bad_steps_in_row = 0
+                else:
+                    state.bad_steps_in_row += 1
+                    state.bad_steps_total += 1
+                    logger.message(f"step {state.step + 1}: non-finite loss/grad ({out['loss']}, "
+                                   f"{out['grad_norm']}), skipped")
+                    if state.bad_steps_in_row > cfg.train.max_bad_steps:
+                        raise TrainingError(f"{state.bad_steps_in_row} non-finite steps in a row (train.max_bad_steps="
+                                            f"{cfg.train.max_bad_steps}); stopping. Lower optim.lr or check the data.")
+                state.step += 1
+                state.tokens_seen += out["tokens"]
+                dt = time.perf_counter() - t0
+                record = {"step": state.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
+                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": out["tokens"] / dt, "step_time_s": dt,
+                          "tokens_seen": state.tokens_seen, "bad_steps": state.bad_steps_total, **data.stats()}
+                area = all_reduce_sum(perf.masked_area(micro), env, env.group("dp"))
+                flops = perf.step_flops(params, out["tokens"], area, cfg.model)
+                record.update({"data_time_s": data_time, "attn_area": int(area), "model_flops": flops,
+                               "mfu": flops / dt / peak_total, **perf.cp_figures(take_plan_stats(model))})
+                if state.step % cfg.log.every == 0 or state.step == end:
+                    logger.log(record)
+                summary = stages.update(record)  # a line per finished curriculum stage
+                if summary:
+                    logger.message(summary)
+                ckpt.poll()  # an asynchronous checkpoint whose write finished everywhere becomes complete
+                stopping = stop.agreed(env)
+                if (cfg.ckpt.every and state.step % cfg.ckpt.every == 0) or stopping or state.step == end:
+                    path = save()
+                    last_saved = state.step
+                    logger.message(f"checkpoint: {path}")
+                if stopping:
+                    logger.message(f"stop requested: saved step {state.step}, exiting")
+                    break
+        if last_saved != state.step and state.step > 0:
+            save()
+        ckpt.wait()
+        summary = stages.finish()
+        if summary:
+            logger.message(summary)
+        logger.close()
+    finally:
+        stop.restore()
     return record
+
+
+def _resume_config_changes(resume_path: str, cfg: Config) -> list:
+    """The config keys changed since the checkpoint; unsafe ones need ``ckpt.allow_config_change=true``."""
+    saved = os.path.join(resume_path, "config.yaml")
+    if not os.path.exists(saved):
+        return []
+    with open(saved) as f:
+        changes = config_changes(f.read(), cfg)
+    unsafe = unsafe_changes(changes)
+    if unsafe and not cfg.ckpt.allow_config_change:
+        raise ConfigError(f"resuming {resume_path} with a changed config: {describe_changes(unsafe)}; set "
+                          "ckpt.allow_config_change=true to accept, or start a new run.dir")
+    return changes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,14 +375,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
         train(cfg)
-    except (ConfigError, CheckpointError, TrainingError, RankLostError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointError, TrainingError, RankLostError, RunDirError, BadDataError,
+            ValueError, OSError) as e:  # e.g. a shard named by data.shards is gone: a start-up error
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:  # e.g. a shard named by data.shards is gone: a start-up error
-        print(f"error: {e}", file=sys.stderr)
+    except StopNow as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        if exit_at_once_on_stop:  # freeing the stalled reader would wait for its child (e.g. a pipe: shard)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     return 0
 
 
+exit_at_once_on_stop = False  # True when run as a command (python -m magitrain.train)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line (DCP's CheckpointException as its first failed rank's cause)."""
+    text = _reason(e) if getattr(e, "failures", None) else str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
 if __name__ == "__main__":
+    exit_at_once_on_stop = True
     sys.exit(main())

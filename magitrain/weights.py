@@ -42,8 +42,11 @@ from magitrain.checkpoint import (
     Checkpointer,
     CheckpointError,
     SafeFileSystemReader,
+    SafeLoadPlanner,
     read_json,
+    verify_checkpoint,
 )
+from magitrain.checkpoint import _reason as checkpoint_reason
 from magitrain.config import Config, ModelConfig, config_from_yaml_text
 
 INDEX = "model.safetensors.index.json"
@@ -289,6 +292,7 @@ class DCPSource(WeightSource):
 
         self._dcp = dcp
         self.path = path
+        verify_checkpoint(path)
         saved = read_json(os.path.join(path, STATE_JSON), WeightsError)["state"]
         self.which, tree = _pick_weights(saved, path, ema, shadow=lambda s: s.get("shadow"))
         self.config = _checkpoint_config(path)
@@ -313,8 +317,9 @@ class DCPSource(WeightSource):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
-                self._dcp.load({self._keys[name]: out}, storage_reader=self._reader, no_dist=True)
-        except Exception as e:  # noqa: BLE001 - DCP wraps I/O and unpickling errors
+                self._dcp.load({self._keys[name]: out}, storage_reader=self._reader, planner=SafeLoadPlanner(),
+                               no_dist=True)
+        except (Exception, self._dcp.CheckpointException) as e:  # noqa: BLE001 - DCP wraps I/O and unpickling errors
             raise WeightsError(f"{self.path}: cannot read '{name}' ({_reason(e)})") from None
         return out
 
@@ -342,8 +347,9 @@ class LegacySource(WeightSource):
 class SafetensorsSource(WeightSource):
     """A release folder: index + shards, or one file; ``.zst`` shards when zstandard is present."""
 
-    def __init__(self, path: str, config: Config | None = None):
+    def __init__(self, path: str, config: Config | None = None, check_sha256: bool = True):
         self.path, self.which, self.trainer = path, "release", {}
+        self.check_sha256 = check_sha256  # False: the caller compares the digests itself (release verify)
         self.files = _release_files(path)
         self.config = config if config is not None else release_config(path)
         self.step = None
@@ -354,8 +360,11 @@ class SafetensorsSource(WeightSource):
                     raise WeightsError(f"{path}: tensor '{name}' is stored twice ({self._where[name].path} and {file.path})")
                 self._where[name], self.info[name] = file, info
         index = os.path.join(path, INDEX)
+        self._sha256 = {}  # the index's SHA-256 per tensor, checked on every read
         if os.path.exists(index):
-            weight_map = read_json(index, WeightsError).get("weight_map", {})
+            doc = read_json(index, WeightsError)
+            self._sha256 = (doc.get("metadata") or {}).get("sha256") or {}
+            weight_map = doc.get("weight_map", {})
             named = {k: self._where[k].path for k in self._where}
             unlisted = set(named) - set(weight_map)
             if unlisted:
@@ -367,11 +376,19 @@ class SafetensorsSource(WeightSource):
                     raise WeightsError(f"{index}: tensor '{k}' is listed in {f} but stored in {named[k]}")
 
     def read(self, name: str) -> torch.Tensor:
-        return self._where[name].read(name)
+        return self._checked(name, self._where[name].read(name))
 
     def items(self):
         for file in self.files.values():
-            yield from file.items()
+            for name, t in file.items():
+                yield name, self._checked(name, t)
+
+    def _checked(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        want = self._sha256.get(name) if self.check_sha256 else None
+        if want is not None and tensor_sha256(t) != want:
+            raise WeightsError(f"{self._where[name].path}: tensor '{name}' is damaged (SHA-256 differs from "
+                               f"{INDEX}; data changed since export)")
+        return t
 
 
 def _shard_stem(name: str) -> str:
@@ -429,11 +446,7 @@ def _marker_step(path: str) -> int | None:
 
 
 def _reason(e: BaseException) -> str:
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        inner = next(iter(failures.values()))
-        return _reason(getattr(inner, "exception", inner))
-    return f"{type(e).__name__}: {e}"
+    return checkpoint_reason(e)
 
 
 # ------------------------------------------------------------------------------------------
@@ -581,14 +594,16 @@ def is_weights_only(checkpoint: str) -> bool:
         return False
 
 
-def resolve_init(cfg: Config) -> str | None:
+def resolve_init(cfg: Config, resume: str | None = None) -> str | None:
     """What the trainer loads as initial weights: ``ckpt.init_from``, or the checkpoint that
     ``ckpt.resume`` names when it is weights-only (an imported release), unless the run has a
-    full checkpoint to resume (then resuming wins and nothing is loaded here)."""
-    try:
-        resume = Checkpointer(cfg.run.dir).resolve(cfg.ckpt.resume)
-    except CheckpointError:
-        resume = None  # the trainer reports a bad resume path itself
+    full checkpoint to resume (then resuming wins and nothing is loaded here). ``resume``: the
+    checkpoint ``ckpt.resume`` resolved to (the trainer resolves and verifies it once), else resolved here."""
+    if resume is None and cfg.ckpt.resume:
+        try:
+            resume = Checkpointer(cfg.run.dir).resolve(cfg.ckpt.resume, log=lambda m: None)
+        except CheckpointError:
+            resume = None  # the trainer reports a bad resume path itself
     if resume and is_weights_only(resume):
         return resume
     if resume:

@@ -615,6 +615,9 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
+MAX_CLI_CHUNKS = 1 << 20  # chunks the CLI plans (a few hundred MB of cost tables at most)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print one JSON object: the plan, its per-rank figures and the solve time.
 
@@ -631,12 +634,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         slices = AttnSlices.load(args.mask)
+        if args.chunk_size > 0:
+            chunks = -(-slices.total_q // args.chunk_size)
+            if chunks > MAX_CLI_CHUNKS:
+                raise ValueError(f"the mask has {slices.total_q} tokens = {chunks} chunks of --chunk-size "
+                                 f"{args.chunk_size}; this command plans at most {MAX_CLI_CHUNKS} chunks "
+                                 "(use a larger --chunk-size)")
         start = time.perf_counter()
         plan = solve(slices, args.cp, args.chunk_size, args.solver)
         solve_ms = (time.perf_counter() - start) * 1e3
         stats = plan_stats(plan, slices)
     except (OSError, ValueError, TypeError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"error: out of memory planning {args.mask} (--cp {args.cp}, --chunk-size {args.chunk_size}); "
+              "use a larger --chunk-size", file=sys.stderr)
         return 2
     out = {**plan.to_json(), **stats.to_dict(), "solve_ms": round(solve_ms, 3)}
     print(json.dumps(out))
