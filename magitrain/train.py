@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from magitrain import perf
 from magitrain.checkpoint import Checkpointer, CheckpointError, ModelState, OptimizerState, RNGState
@@ -27,7 +28,7 @@ from magitrain.data import build_data_source
 from magitrain.diffusion import NoisedBatch, masked_sq_error, noise_batch
 from magitrain.distill import ShortcutDistillation, load_init
 from magitrain.ema import EMA
-from magitrain.metrics import MetricsLogger
+from magitrain.metrics import MetricsLogger, open_wandb
 from magitrain.model import MagiDiT
 from magitrain.parallel.context_parallel import take_plan_stats
 from magitrain.parallel.deepspeed_engine import EngineModelState, EngineOptimizerState, is_engine, unwrap
@@ -193,8 +194,11 @@ def train(cfg: Config) -> dict:
 
     if env.is_main:
         save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+    wandb_run = (open_wandb(cfg.run.dir, cfg.log.wandb_project, cfg.log.wandb_mode, cfg.log.wandb_name,
+                            OmegaConf.to_container(OmegaConf.structured(cfg)))
+                 if cfg.log.wandb and env.is_main else None)
     logger = MetricsLogger(cfg.run.dir, cfg.train.steps, state.step, enabled=env.is_main,
-                           tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+                           tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, wandb_run=wandb_run)
     if resume_path:
         logger.message(f"resumed from {resume_path} at step {state.step}")
     stop = StopRequest()
