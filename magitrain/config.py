@@ -162,6 +162,7 @@ class TrainConfig:
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     stop_at: int = 0  # > 0: save and exit after this step; the lr schedule still spans train.steps (resume to go on)
+    compile: bool = False  # torch.compile each transformer block (parallel/compile.py); CPU needs a C compiler
 
 
 @dataclass
@@ -300,6 +301,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if not 0 <= cfg.train.stop_at <= cfg.train.steps:
         raise ConfigError(f"train.stop_at={cfg.train.stop_at} must be in [0, train.steps={cfg.train.steps}]")
     _choice("train.dtype", cfg.train.dtype, ("fp32", "bf16"))
+    if cfg.train.compile and p.tp > 1:
+        raise ConfigError(f"train.compile=true with parallel.tp={p.tp} is not supported (TP's module hooks inside "
+                          "the compiled block are untested); use parallel.tp=1 or train.compile=false")
     _positive("ckpt.every", cfg.ckpt.every, zero_ok=True)
     _positive("ckpt.keep_last", cfg.ckpt.keep_last)
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
