@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                 rate[(name, w)].append(t)
                 print(f"round {rnd}: {name}, {w} workers: loader {100 * s:.1f}% of step time, {t:.0f} tokens/s, "
                       f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
-        print(f"| shards | workers | loader share of step time, median (min..max) | trainer tokens/s |")
+        print("| shards | workers | loader share of step time, median (min..max) | trainer tokens/s, median (min..max) |")
         print("|---|---|---|---|")
         for name, w in runs:
             pct = [100 * v for v in share[(name, w)]]
