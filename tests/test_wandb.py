@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import time
 
 import pytest
 
@@ -55,13 +56,19 @@ def test_offline_run_holds_the_losses(tmp_path, monkeypatch):
     train(cfg)
     runs = glob.glob(os.path.join(cfg.run.dir, "wandb", "offline-run-*", "*.wandb"))
     assert len(runs) == 1
-    with open(runs[0], "rb") as f:
-        blob = f.read()
     with open(os.path.join(cfg.run.dir, "metrics.jsonl")) as f:
         losses = [json.loads(line)["loss"] for line in f]
-    assert len(losses) == 2 and b"train/loss" in blob
-    for loss in losses:  # wandb stores each value as its JSON text
-        assert json.dumps(loss).encode() in blob
+    wanted = [b"train/loss"] + [json.dumps(loss).encode() for loss in losses]  # values are stored as JSON text
+    deadline = time.monotonic() + 60  # wandb's service process may still be flushing the file (seen under load)
+    while True:
+        with open(runs[0], "rb") as f:
+            blob = f.read()
+        if all(w in blob for w in wanted) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(losses) == 2
+    for w in wanted:
+        assert w in blob, w
 
 
 def test_missing_wandb_is_a_config_error(tmp_path, monkeypatch):
