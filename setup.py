@@ -36,6 +36,7 @@ setup(
         "gpu": ["flash-attn>=2.6"],
         "deepspeed": ["deepspeed>=0.15,<0.20"],
         "megatron": ["megatron-core>=0.12"],
+        "wandb": ["wandb>=0.17"],  # log.wandb=true (offline by default)
         "release": ["zstandard>=0.22"],  # MAGI-1's .safetensors.zst shards (python -m magitrain.release import)
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5",
                 # offline schema checks of the Kubernetes / PyTorchJob manifests (tests/test_launch_k8s.py)

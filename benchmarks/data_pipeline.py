@@ -1,29 +1,36 @@
-"""Data-pipeline throughput vs the tiny model's consumption rate.
+"""The data loader's share of training step time, with the tiny model training in the same process.
 
-    python benchmarks/data_pipeline.py [--videos 48] [--batches 30] [--workers 0 1 2]
+    python benchmarks/data_pipeline.py [--videos 48] [--steps 40] [--rounds 2] [--workers 0 1 2]
 
 Builds two shard sets from one generated folder (videos of 32 frames at 64x64 px): latent shards
-(PatchEncoder, fp16) and raw-mp4 shards (decoded and encoded on the fly). For each shard set and
-worker count it times ``next_batch()`` of the WebDataset source after a warm-up (worker start-up
-excluded) and reports samples/s and tokens/s (non-padding tokens). The consumption rate is one
-forward+backward of ``magitrain.model.MagiDiT`` on the tiny config per batch; without
-``magitrain/model.py`` that row says so.
+(PatchEncoder, fp16) and raw-mp4 shards (decoded and encoded on the fly by the reader). For each
+shard set and loader worker count it trains ``configs/tiny.yaml`` on them (``data.source=webdataset``,
+fp32, 1 thread, the trainer's own loop: ``magitrain.train.train``), so loader workers and the model
+share the machine's cores as in a real run, and reads the trainer's per-step ``data_time_s`` (the
+wait for ``next_batch()``) and ``step_time_s`` from metrics.jsonl. Reported: the loader's share of
+step time (sum of data_time_s / sum of step_time_s over the steps after a warm-up), the trainer's
+tokens/s, each as median and spread (min..max) over rounds; the rounds alternate the order of the
+configurations.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import sys
 import tempfile
-import time
 
 import torch
 from magitrain.data_pipeline.build_shards import main as build_shards
 from magitrain.data_pipeline.media import encode_mp4
-from magitrain.data_pipeline.source import WebDatasetSource
 
 from magitrain.config import load_config
+from magitrain.configs import config_path
+from magitrain.train import train
+
+WARMUP = 5  # steps dropped: worker start-up, the shuffle buffer filling, first-call allocations
 
 
 def make_folder(src: str, n: int) -> None:
@@ -38,74 +45,55 @@ def make_folder(src: str, n: int) -> None:
             f.write(f"a synthetic clip number {i}")
 
 
-def config(shards: str, workers: int):
-    return load_config(overrides=["data.source=webdataset", f"data.shards={shards}", f"data.num_workers={workers}",
-                                  "data.seq_tokens=256", "data.batch_size=2", "data.shuffle_buffer=16"])
+def train_on(shards: str, workers: int, steps: int, run_dir: str) -> tuple[float, float]:
+    """(loader share of step time, tokens/s) of one tiny training run on ``shards``."""
+    cfg = load_config(config_path("tiny.yaml"), [
+        f"run.dir={run_dir}", f"train.steps={steps}", "ckpt.every=0", "log.progress=false", "log.tensorboard=false",
+        "data.source=webdataset", f"data.shards={shards}", f"data.num_workers={workers}", "data.shuffle_buffer=16"])
+    train(cfg)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f][WARMUP:]
+    data_s = sum(r["data_time_s"] for r in records)
+    step_s = sum(r["step_time_s"] for r in records)
+    tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in records)
+    return data_s / step_s, tokens / step_s
 
 
-def loader_rate(shards: str, workers: int, batches: int) -> tuple[float, float]:
-    src = WebDatasetSource(config(shards, workers), 0, 1)
-    for _ in range(3):  # warm-up: worker start-up and the shuffle buffer fill
-        src.next_batch()
-    samples = tokens = 0
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        b = src.next_batch()
-        samples += len(b.layout.samples)
-        tokens += b.num_tokens
-    dt = time.perf_counter() - t0
-    src.close()
-    return samples / dt, tokens / dt
-
-
-def model_rate(shards: str, batches: int) -> tuple[float, float] | None:
-    """Samples/s and tokens/s the tiny model consumes (forward + backward), or None without a model."""
-    try:
-        from magitrain.model import MagiDiT
-    except ImportError:
-        return None
-    cfg = config(shards, 0)
-    src = WebDatasetSource(cfg, 0, 1)
-    data = [src.next_batch() for _ in range(batches)]
-    model = MagiDiT(cfg.model)
-    samples = tokens = 0
-    t0 = time.perf_counter()
-    for b in data:
-        t = torch.rand(b.layout.num_chunks)
-        out = model(b.latents, t, b.text_emb, b.text_mask, b.layout)
-        out.pow(2).mean().backward()
-        samples += len(b.layout.samples)
-        tokens += b.num_tokens
-    dt = time.perf_counter() - t0
-    return samples / dt, tokens / dt
+def spread(values: list[float], fmt: str) -> str:
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}..{fmt.format(max(values))})"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--videos", type=int, default=48)
-    p.add_argument("--batches", type=int, default=30)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "src")
         make_folder(src, args.videos)
-        sets = {"latent": os.path.join(tmp, "latent"), "raw-mp4": os.path.join(tmp, "mp4")}
+        sets = {"latent": os.path.join(tmp, "latent"), "raw-mp4 (decode + encode on the fly)": os.path.join(tmp, "mp4")}
         per_shard = str(max(1, args.videos // 8))
         build_shards([src, sets["latent"], "--latent-encoder", "patch", "--text-encoder", "hash",
                       "--max-shard-samples", per_shard, "--quiet"])
-        build_shards([src, sets["raw-mp4"], "--max-shard-samples", per_shard, "--quiet"])
-        print("| shards | workers | samples/s | tokens/s |")
+        build_shards([src, list(sets.values())[1], "--max-shard-samples", per_shard, "--quiet"])
+        runs = [(name, w) for name in sets for w in args.workers]
+        share: dict = {r: [] for r in runs}
+        rate: dict = {r: [] for r in runs}
+        for rnd in range(args.rounds):
+            for name, w in (runs if rnd % 2 == 0 else runs[::-1]):
+                s, t = train_on(sets[name], w, args.steps, os.path.join(tmp, f"run-{rnd}-{runs.index((name, w))}"))
+                share[(name, w)].append(s)
+                rate[(name, w)].append(t)
+                print(f"round {rnd}: {name}, {w} workers: loader {100 * s:.1f}% of step time, {t:.0f} tokens/s, "
+                      f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+        print("| shards | workers | loader share of step time, median (min..max) | trainer tokens/s, median (min..max) |")
         print("|---|---|---|---|")
-        for name, path in sets.items():
-            for w in args.workers:
-                s, t = loader_rate(path, w, args.batches)
-                print(f"| {name} | {w} | {s:.1f} | {t:.0f} |", flush=True)
-        rate = model_rate(sets["latent"], 10)
-        if rate is None:
-            print("| tiny model fwd+bwd | - | magitrain/model.py not found | - |")
-        else:
-            print(f"| tiny model fwd+bwd (consumption) | - | {rate[0]:.1f} | {rate[1]:.0f} |")
+        for name, w in runs:
+            pct = [100 * v for v in share[(name, w)]]
+            print(f"| {name} | {w} | {spread(pct, '{:.1f}%')} | {spread(rate[(name, w)], '{:.0f}')} |")
     return 0
 
 

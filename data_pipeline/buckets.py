@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from magitrain.config import Config, ConfigError
+from magitrain.config import Config, ConfigError, shard_specs
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Stage:
     name: str
     until_step: int  # 0: no end
     seq_tokens: int
-    shards: str
+    shards: tuple[str, ...]  # the stage's shard specs (data.shards: one string or a list)
     buckets: tuple[Bucket, ...]
     image_ratio: float
 
@@ -111,7 +111,8 @@ def resolve_stages(cfg: Config, geo: Geometry) -> list[Stage]:
             _check_bucket(b, geo, seq, where)
         if buckets and not any(b.weight > 0 for b in buckets):
             raise ConfigError(f"{where}: every bucket has weight 0")
-        stages.append(Stage(i, st.name if st is not None else "default", until, seq, shards, buckets, ratio))
+        stages.append(Stage(i, st.name if st is not None else "default", until, seq, tuple(shard_specs(shards)),
+                            buckets, ratio))
         prev_until = until
     return stages
 

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import webdataset as wds
 
@@ -25,25 +25,28 @@ def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-def expand_shards(spec: str) -> list[str]:
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
     """Brace-expand ``spec`` (``::`` separates lists; a directory means the shards its
-    ``manifest.json`` lists, or its ``*.tar`` when it has none).
+    ``manifest.json`` lists, or its ``*.tar`` when it has none); a list of specs
+    (``data.shards=[a.tar,b.tar]``) is each of them expanded, in order.
 
     Local paths must exist: a missing one fails here, at start-up, naming it. A ``*.tar`` in a
     folder that its manifest does not list (a stale shard of an older build) is an error too.
     """
     urls = []
-    for url in wds.shardlists.expand_urls(spec):
-        if is_local(url) and os.path.isdir(url):
-            urls.extend(folder_shards(url))
-        else:
-            urls.append(url)
+    for one in ([spec] if isinstance(spec, str) else spec):
+        for url in wds.shardlists.expand_urls(one):
+            if is_local(url) and os.path.isdir(url):
+                urls.extend(folder_shards(url))
+            else:
+                urls.append(url)
+    shown = spec if isinstance(spec, str) else list(spec)
     if not urls:
-        raise FileNotFoundError(f"data.shards={spec!r} names no shards")
+        raise FileNotFoundError(f"data.shards={shown!r} names no shards")
     missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise FileNotFoundError(f"shard not found: {missing[0]}{more} (data.shards={spec!r})")
+        raise FileNotFoundError(f"shard not found: {missing[0]}{more} (data.shards={shown!r})")
     return urls
 
 

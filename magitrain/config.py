@@ -13,7 +13,9 @@ Public contract (other tools rely on these names): ``run.dir``, ``train.steps``,
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -89,7 +91,7 @@ class CurriculumStage:
     name: str = "stage"
     until_step: int = 0  # the stage serves steps < until_step; 0 on the last stage: no end
     seq_tokens: int = 0  # 0: keep data.seq_tokens
-    shards: str = ""  # '' : keep data.shards
+    shards: Any = ""  # '' : keep data.shards; a spec string or a list of them, as data.shards
     buckets: list = field(default_factory=list)  # [[frames, height, width, weight], ...] (latent sizes); []: data.buckets
     image_ratio: float = -1.0  # share of videos used as one-frame images; < 0: keep data.image_ratio
 
@@ -97,7 +99,9 @@ class CurriculumStage:
 @dataclass
 class DataConfig:
     source: str = "synthetic"  # synthetic | webdataset
-    shards: str = ""  # brace-expandable path/URL list for webdataset
+    # webdataset: a path/URL spec (brace-expandable, '::'-separated, a folder = its *.tar) or a list of specs
+    # (YAML list / dotlist data.shards=[a.tar,b.tar]); a spec starting with '{' must be quoted in YAML
+    shards: Any = ""
     seq_tokens: int = 256  # tokens per packed sequence
     batch_size: int = 2  # packed sequences per optimizer step (global: over all dp ranks and micro-batches)
     num_workers: int = 0
@@ -127,7 +131,7 @@ class ParallelConfig:
     dp: int = 1
     cp: int = 1
     tp: int = 1
-    dp_engine: str = "fsdp2"  # fsdp2 | deepspeed | ddp
+    dp_engine: str = "fsdp2"  # fsdp2 | deepspeed
     zero_stage: int = 3  # deepspeed only
     cpu_offload: bool = False  # deepspeed only
     cp_chunk_size: int = 16  # tokens per dispatch chunk
@@ -159,6 +163,7 @@ class TrainConfig:
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     stop_at: int = 0  # > 0: save and exit after this step; the lr schedule still spans train.steps (resume to go on)
+    compile: bool = False  # torch.compile each transformer block (parallel/compile.py); CPU needs a C compiler
 
 
 @dataclass
@@ -177,6 +182,11 @@ class LogConfig:
     tensorboard: bool = True
     progress: bool = True
     peak_flops: float = 0.0  # per-device peak FLOP/s for the MFU estimate; 0: a default by device (magitrain.perf)
+    # Weights & Biases (pip install -e ".[wandb]"): every metrics.jsonl record also goes to a wandb run in run.dir
+    wandb: bool = False
+    wandb_project: str = "magitrain"
+    wandb_mode: str = "offline"  # offline (no network; `wandb sync run.dir/wandb/offline-run-*` later) | online
+    wandb_name: str = ""  # '' : the run dir's name
 
 
 @dataclass
@@ -242,6 +252,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"diffusion.{key}={v} must be in [0, 1]")
     _choice("data.source", d.source, ("synthetic", "webdataset"))
+    _check_shards("data.shards", d.shards)
+    for i, stage in enumerate(d.curriculum):
+        _check_shards(f"data.curriculum[{i}].shards", stage.shards)
     if d.source == "webdataset" and not d.shards and not d.curriculum:
         raise ConfigError("data.source=webdataset needs data.shards (a brace-expandable path or URL list)")
     if d.source == "synthetic":
@@ -260,7 +273,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
     for key in ("dp", "cp", "tp"):
         _positive(f"parallel.{key}", getattr(p, key))
-    _choice("parallel.dp_engine", p.dp_engine, ("fsdp2", "deepspeed", "ddp"))
+    if p.dp_engine == "ddp":
+        raise ConfigError("parallel.dp_engine=ddp is not implemented; use fsdp2 (the default, same gradients at "
+                          "any dp) or deepspeed")
+    _choice("parallel.dp_engine", p.dp_engine, ("fsdp2", "deepspeed"))
     _choice("parallel.activation_checkpointing", p.activation_checkpointing, ("none", "full", "every_k"))
     _choice("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
     _positive("parallel.cp_chunk_size", p.cp_chunk_size)
@@ -287,6 +303,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if not 0 <= cfg.train.stop_at <= cfg.train.steps:
         raise ConfigError(f"train.stop_at={cfg.train.stop_at} must be in [0, train.steps={cfg.train.steps}]")
     _choice("train.dtype", cfg.train.dtype, ("fp32", "bf16"))
+    if cfg.train.compile and p.tp > 1:
+        raise ConfigError(f"train.compile=true with parallel.tp={p.tp} is not supported (TP's module hooks inside "
+                          "the compiled block are untested); use parallel.tp=1 or train.compile=false")
     _positive("ckpt.every", cfg.ckpt.every, zero_ok=True)
     _positive("ckpt.keep_last", cfg.ckpt.keep_last)
     o = cfg.optim
@@ -303,9 +322,63 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"optim.ema_decay={cfg.optim.ema_decay} must be in [0, 1)")
     _positive("log.peak_flops", cfg.log.peak_flops, zero_ok=True)
     _choice("model.step_size_embedder", m.step_size_embedder, ("magi1", "zero_init"))
+    _choice("log.wandb_mode", cfg.log.wandb_mode, ("offline", "online"))
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb=true needs the wandb package: pip install -e \".[wandb]\" (or log.wandb=false)")
     if cfg.distill.enabled:
-        from magitrain.distill import validate_distill  # the distillation checks live with distillation
         validate_distill(cfg)
+
+
+def validate_distill(cfg: Config) -> None:
+    """Config checks for ``distill.enabled`` (the objective itself is magitrain/distill.py)."""
+    d = cfg.distill
+    if not cfg.model.step_size_conditioning:
+        raise ConfigError("distill.enabled needs model.step_size_conditioning=true (the student is told its step size)")
+    if not (d.teacher or cfg.ckpt.init_from):
+        raise ConfigError("distill.enabled needs a teacher: set distill.teacher or ckpt.init_from (a base checkpoint)")
+    counts = list(d.step_counts)
+    if not counts or any(not isinstance(k, int) or k < 1 for k in counts):
+        raise ConfigError(f"distill.step_counts={counts} must be a non-empty list of positive step counts")
+    finest = max(counts)
+    bad = [k for k in counts if k != finest and finest % (2 * k)]
+    if bad:
+        raise ConfigError(f"distill.step_counts={counts}: every count but the finest ({finest}) must have 2x the count "
+                          f"dividing {finest} (a big step is two steps of the finer schedule); {bad} do not")
+    if d.schedule_shift <= 0:
+        raise ConfigError(f"distill.schedule_shift={d.schedule_shift} must be > 0")
+    _choice("distill.self_target", d.self_target, ("student", "teacher"))
+    _choice("distill.finest_target", d.finest_target, ("teacher", "data"))
+
+
+def _check_shards(key: str, value) -> None:
+    if isinstance(value, dict):
+        raise ConfigError(f"{key} was read as a mapping {value!r}: quote a brace pattern that starts with '{{' "
+                          f"(YAML: shards: '{{a,b}}.tar'), or give a list: [a.tar, b.tar]")
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key}={value!r} must be a path/URL spec or a list of them")
+
+
+def shard_specs(value) -> list[str]:
+    """``data.shards`` (or a stage's) as a list of specs: a string is one spec, a list is several."""
+    if isinstance(value, str):
+        return [value] if value else []
+    return list(value)
+
+
+# override keys whose value is a shard spec: one that starts with '{' is a brace pattern, not a YAML mapping
+_SHARD_KEY = re.compile(r"^data\.(curriculum\.\d+\.)?shards$")
+
+
+def _quote_brace_specs(overrides: list[str]) -> list[str]:
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if _SHARD_KEY.match(key.strip()) and value.startswith("{"):
+            o = f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        out.append(o)
+    return out
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None,
@@ -320,7 +393,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"overrides must look like key.sub=value, got: {' '.join(bad)}")
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
+            layers.append(OmegaConf.from_dotlist(_quote_brace_specs(list(overrides))))
         merged = OmegaConf.merge(*layers)
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from magitrain.batch import Batch
-from magitrain.config import Config, ConfigError, DistillConfig, ModelConfig
+from magitrain.config import Config, ConfigError, DistillConfig, ModelConfig, validate_distill
 from magitrain.diffusion import (NoisedBatch, euler_step, guided_velocity, interpolate, noise_batch, per_token,
                                  sample_generator, sampling_schedule)
 from magitrain.weights import check_keys, load_init_weights, load_run_weights, open_weights
@@ -62,30 +62,7 @@ STEP_SIZE_FIELDS = ("step_size_conditioning", "step_size_embedder")  # where stu
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-# --- config ----------------------------------------------------------------------------------
-
-def validate_distill(cfg: Config) -> None:
-    """Config checks for ``distill.enabled`` (called by :func:`magitrain.config.validate`)."""
-    d = cfg.distill
-    if not cfg.model.step_size_conditioning:
-        raise ConfigError("distill.enabled needs model.step_size_conditioning=true (the student is told its step size)")
-    if not (d.teacher or cfg.ckpt.init_from):
-        raise ConfigError("distill.enabled needs a teacher: set distill.teacher or ckpt.init_from (a base checkpoint)")
-    counts = list(d.step_counts)
-    if not counts or any(not isinstance(k, int) or k < 1 for k in counts):
-        raise ConfigError(f"distill.step_counts={counts} must be a non-empty list of positive step counts")
-    finest = max(counts)
-    bad = [k for k in counts if k != finest and finest % (2 * k)]
-    if bad:
-        raise ConfigError(f"distill.step_counts={counts}: every count but the finest ({finest}) must have 2x the count "
-                          f"dividing {finest} (a big step is two steps of the finer schedule); {bad} do not")
-    if d.schedule_shift <= 0:
-        raise ConfigError(f"distill.schedule_shift={d.schedule_shift} must be > 0")
-    if d.self_target not in ("student", "teacher"):
-        raise ConfigError(f"distill.self_target={d.self_target!r} is not allowed; choose one of: student, teacher")
-    if d.finest_target not in ("teacher", "data"):
-        raise ConfigError(f"distill.finest_target={d.finest_target!r} is not allowed; choose one of: teacher, data")
-
+# --- config (the checks of distill.* live with the schema: magitrain.config.validate_distill) ---------
 
 def teacher_passes(text_scale: float, history_scale: float) -> int:
     """Model calls per guided teacher velocity: 1 (no guidance), 2 (text), 3 (MAGI-1's history + text)."""

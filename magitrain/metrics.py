@@ -1,4 +1,6 @@
-"""Run logging: ``metrics.jsonl`` (one JSON object per step), TensorBoard, a progress bar.
+"""Run logging: ``metrics.jsonl`` (one JSON object per step), TensorBoard, a progress bar, and
+optionally Weights & Biases (``log.wandb``; the ``wandb`` extra; offline by default, so it needs no
+network: the run is written under ``run.dir/wandb/`` and ``wandb sync`` uploads it later).
 
 ``metrics.jsonl`` fields are a public contract: every line has at least ``step``, ``loss``,
 ``grad_norm``, ``lr`` and ``tokens_per_s``; further keys are added, never renamed.
@@ -14,12 +16,22 @@ import os
 from tqdm import tqdm
 
 
+def open_wandb(run_dir: str, project: str, mode: str, name: str = "", config: dict | None = None):
+    """A wandb run whose files live in ``run_dir/wandb/``; ``mode='offline'`` never touches the network."""
+    import wandb
+
+    return wandb.init(project=project, name=name or os.path.basename(os.path.abspath(run_dir)), dir=run_dir,
+                      mode=mode, config=config or {}, settings=wandb.Settings(console="off", silent=True))
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str, total_steps: int, start_step: int = 0, enabled: bool = True,
-                 tensorboard: bool = True, progress: bool = True):
+                 tensorboard: bool = True, progress: bool = True, wandb_run=None):
+        """``wandb_run``: a run from :func:`open_wandb` (rank 0 only), or None."""
         self.enabled = enabled
         self.writer = None
         self.bar = None
+        self.wandb = wandb_run if enabled else None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -69,6 +81,9 @@ class MetricsLogger:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step" and v is not None and math.isfinite(v):
                     self.writer.add_scalar(f"train/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in clean.items()
+                            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -83,5 +98,7 @@ class MetricsLogger:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.bar is not None:
             self.bar.close()

@@ -254,6 +254,16 @@ class ParallelAttention(nn.Module):
     def heads(self, x, width=None):
         return x.unflatten(-1, (-1, width or self.head_dim))  # head count from the shape (TP-safe)
 
+    # torch.compile (train.compile) never traces the attention: its slice lists are Python data that
+    # change with every packed mask, so a compiled block would be re-specialised for each new mask.
+    # The dense work before and after is compiled; the kernels (or CP attention) run as they are.
+    @torch.compiler.disable
+    def attend(self, q, k, v, qx, kx, vx, self_slices: AttnSlices, xattn_slices: AttnSlices):
+        with _no_autocast(v):  # the kernels run in their inputs' dtype (bf16 under autocast), fp32 accumulation
+            out_self = self.core_attention(q, k, v, self_slices)
+            out_cross = slice_attention(qx.to(vx.dtype), kx.to(vx.dtype), vx, xattn_slices)[0]
+        return out_self, out_cross
+
     def forward(self, h, rope, caption, self_slices: AttnSlices, xattn_slices: AttnSlices):
         lin = self.linear_qkv
         u = lin.layer_norm(h)
@@ -263,9 +273,7 @@ class ParallelAttention(nn.Module):
         qx = self.q_layernorm_xattn(self.heads(lin.qx(u)))
         kx, vx = self.heads(self.linear_kv_xattn(caption), 2 * self.head_dim).chunk(2, dim=-1)
         kx = self.k_layernorm_xattn(kx)
-        with _no_autocast(v):  # the kernels run in their inputs' dtype (bf16 under autocast), fp32 accumulation
-            out_self = self.core_attention(q, k, v, self_slices)
-            out_cross = slice_attention(qx.to(vx.dtype), kx.to(vx.dtype), vx, xattn_slices)[0]
+        out_self, out_cross = self.attend(q, k, v, qx, kx, vx, self_slices, xattn_slices)
 
         # [self | cross] -> 8 groups of each, alternating: (2, g, w) -> (g, 2, w)
         both = torch.stack([out_self.flatten(1), out_cross.flatten(1)], dim=1)

@@ -40,7 +40,7 @@ from collections.abc import Callable
 import torch
 
 from magitrain.checkpoint import Checkpointer, CheckpointError, read_json
-from magitrain.config import ConfigError, save_config, to_yaml
+from magitrain.config import ConfigError, save_config, shard_specs, to_yaml
 from magitrain.weights import (
     IMPORTED,
     INDEX,
@@ -216,10 +216,10 @@ def model_card(src: WeightSource, fmt: str, dtype: str, index: dict, files: list
         what = f"imported unchanged from the release `{src.imported_from}` (not trained by magitrain)"
     if d.curriculum:
         data = "; ".join(f"{s.name}: until step {s.until_step or 'end'}, seq_tokens {s.seq_tokens or d.seq_tokens}"
-                         f"{', shards ' + s.shards if s.shards else ''}" for s in d.curriculum)
+                         f"{', shards ' + ' + '.join(shard_specs(s.shards)) if s.shards else ''}" for s in d.curriculum)
     else:
         data = f"one stage, seq_tokens {d.seq_tokens}"
-    shards = d.shards or ("synthetic clips of " f"{d.frames}x{d.height}x{d.width} latents" if d.source == "synthetic" else "-")
+    shards = " + ".join(shard_specs(d.shards)) or ("synthetic clips of " f"{d.frames}x{d.height}x{d.width} latents" if d.source == "synthetic" else "-")
     config_file = MAGI1_CONFIG if fmt == "magi1" else YAML_CONFIG
     trained = not src.imported_from and src.which != "release"
     lines = [

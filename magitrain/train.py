@@ -20,6 +20,8 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from magitrain import perf
 from magitrain.checkpoint import (Checkpointer, CheckpointError, ModelState, OptimizerState, RNGState, _reason,
@@ -29,7 +31,7 @@ from magitrain.data import build_data_source
 from magitrain.diffusion import NoisedBatch, masked_sq_error, noise_batch
 from magitrain.distill import ShortcutDistillation, load_init
 from magitrain.ema import EMA
-from magitrain.metrics import MetricsLogger
+from magitrain.metrics import MetricsLogger, open_wandb
 from magitrain.data_pipeline.dataset import BadDataError
 from magitrain.model import MagiDiT
 from magitrain.parallel import collectives
@@ -272,8 +274,11 @@ def _train_locked(cfg: Config, env: ParallelEnv) -> dict:
 
     if env.is_main:
         save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+    wandb_run = (open_wandb(cfg.run.dir, cfg.log.wandb_project, cfg.log.wandb_mode, cfg.log.wandb_name,
+                            OmegaConf.to_container(OmegaConf.structured(cfg)))
+                 if cfg.log.wandb and env.is_main else None)
     logger = MetricsLogger(cfg.run.dir, cfg.train.steps, state.step, enabled=env.is_main,
-                           tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+                           tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, wandb_run=wandb_run)
     if resume_path:
         logger.message(f"resumed from {resume_path} at step {state.step}")
         if changes:

@@ -1,5 +1,6 @@
-"""``parallelize_model(model, env, cfg)``: apply TP, CP attention, activation checkpointing and
-sharded data parallel to a plain model, in that order (torchtitan style).
+"""``parallelize_model(model, env, cfg)``: apply TP, CP attention, ``torch.compile`` per block
+(``train.compile``), activation checkpointing and sharded data parallel to a plain model, in that
+order (torchtitan style).
 
 The model file knows nothing of this; everything here swaps or wraps modules from outside and
 keeps parameter names unchanged (checkpoints reshard by name). The loop sees one function for
@@ -20,6 +21,7 @@ from torch import nn
 from magitrain.config import Config, ConfigError
 
 from .activation_checkpoint import apply_activation_checkpointing
+from .compile import apply_compile
 from .context_parallel import apply_context_parallel
 from .data_parallel import apply_fsdp, clip_grad_norm_ as _clip_sharded, mixed_precision_policy
 from .deepspeed_engine import grad_norm as ds_grad_norm, is_engine
@@ -36,6 +38,7 @@ def parallelize_model(model: nn.Module, env: ParallelEnv, cfg: Config) -> nn.Mod
         apply_tensor_parallel(model, env.submesh("tp"))
     if env.cp > 1:
         apply_context_parallel(model, env.submesh("cp"), p.cp_chunk_size, p.cp_solver, p.overlap_stages)
+    apply_compile(model, cfg.train.compile)
     apply_activation_checkpointing(model, p.activation_checkpointing, p.ac_every)
     if env.dp * env.cp > 1 and p.dp_engine == "fsdp2":  # deepspeed: attach_optimizer, once the optimizer exists
         apply_fsdp(model, env.submesh("dp_cp"), mixed_precision_policy(env.device, cfg.train.dtype))

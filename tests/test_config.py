@@ -29,6 +29,8 @@ def test_tiny_loads_and_overrides_apply():
     ("parallel.tp=3", "parallel.tp"),
     ("parallel.dp=3", "parallel.dp"),
     ("optim.ema_decay=1.5", "optim.ema_decay"),
+    ("parallel.dp_engine=ddp", "parallel.dp_engine"),  # not implemented: refused, not silently run as fsdp2
+    ("log.wandb_mode=cloud", "log.wandb_mode"),
 ])
 def test_bad_config_names_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -40,7 +42,8 @@ def test_world_size_mismatch_is_a_config_error():
         load_config(TINY, ["parallel.cp=2"], world_size=1)
 
 
-@pytest.mark.parametrize("override", ["model.nope=1", "train.steps=abc", "model.num_heads=3"])
+@pytest.mark.parametrize("override", ["model.nope=1", "train.steps=abc", "model.num_heads=3",
+                                      "parallel.dp_engine=ddp"])
 def test_cli_exit_code_2_without_traceback(tmp_path, override):
     r = subprocess.run([sys.executable, "-m", "magitrain.train", "--config", TINY, f"run.dir={tmp_path}", override],
                        capture_output=True, text=True, timeout=120)
