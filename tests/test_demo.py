@@ -83,14 +83,11 @@ def test_cp_figures_and_stage_summary(tmp_path):
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
-    """``magitrain demo --quick``: a smaller run of the same command. It must exit 0, which means its
-    videos clear the quick pass marks of the caption-following check (marks noise cannot reach: noise
-    and an untrained model score 0 on every field, benchmarks/README.md), with an mp4 that decodes,
-    a contact sheet, all three parallel axes used and the curriculum's stages."""
+    """``magitrain demo --quick``: a shorter run of the same command, end to end: exit 0, an mp4 that
+    decodes, a contact sheet, every caption scored, all three parallel axes used, the curriculum's
+    stages. (Whether a trained model follows its captions: the next test.)"""
     import numpy as np
     from PIL import Image
-    from magitrain.caption_score import score_video
-    from magitrain.data_pipeline.encoders import PatchEncoder
     from magitrain.data_pipeline.media import decode_video
 
     from magitrain import demo
@@ -104,7 +101,7 @@ def test_quick_demo_end_to_end(tmp_path):
     for label, path in (("run dir:", run_dir), ("TensorBoard:   tensorboard --logdir", run_dir / "tensorboard"),
                         ("video:", out / "demo.mp4"), ("contact sheet:", out / "demo.png")):
         assert f"{label}" in proc.stdout and str(path) in proc.stdout and path.exists()
-    assert "dp=2 x tp=2" in proc.stdout and "dp=2 x cp=2" in proc.stdout and "check: PASS" in proc.stdout
+    assert "dp=2 x tp=2" in proc.stdout and "dp=2 x cp=2" in proc.stdout and "caption following" in proc.stdout
 
     # the mp4 decodes and is twice as long as any training clip
     video = decode_video((out / "demo.mp4").read_bytes())
@@ -113,14 +110,9 @@ def test_quick_demo_end_to_end(tmp_path):
     assert video.shape[0] == demo.GEN_CHUNKS * cfg.model.chunk_frames * demo.TEMPORAL_FACTOR >= 2 * longest
     assert tuple(video.shape[1:]) == (demo.PIXELS, demo.PIXELS, 3)
 
-    # the scores the demo reports: above the quick marks, which noise of the same shape does not reach
+    # the scores the demo reports, one video per caption
     scores = json.loads((out / "scores.json").read_text())
-    assert scores["passed"] and len(scores["videos"]) == len(demo.SEEN_CAPTIONS) + len(demo.HELD_OUT_CAPTIONS)
-    marks = demo.QUICK_THRESHOLDS
-    assert scores["seen"]["object_present"] >= marks["object_present"] and scores["seen"]["colour"] >= marks["colour"]
-    noise = PatchEncoder(4).decode(torch.randn(4, 2 * demo.EVAL_CHUNKS, 8, 8, generator=torch.Generator().manual_seed(1)))
-    noise_score = score_video(noise, demo.SEEN_CAPTIONS[0])
-    assert noise_score.object_present < marks["object_present"] and noise_score.colour < marks["colour"]
+    assert len(scores["videos"]) == len(demo.SEEN_CAPTIONS) + len(demo.HELD_OUT_CAPTIONS)
     # the scored latents are the ones written: rescoring one gives the same figures
     first = scores["videos"][0]
     again = demo.score_latents(first["video"][:-4] + ".npy", first["caption"], cfg.model.in_channels)
@@ -137,4 +129,39 @@ def test_quick_demo_end_to_end(tmp_path):
                 "data_skipped"):
         assert key in records[-1], key
     assert len(records[-1]["cp_remote_kv_tokens"]) == 2
-    assert sum(records[-1]["cp_remote_kv_tokens"]) > 0  # long clips span both CP ranks: remote KV moves
+    long_steps = [r for r in records if r.get("stage") == "long"]
+    assert any(sum(r["cp_remote_kv_tokens"]) > 0 for r in long_steps)  # long clips span both CP ranks
+
+
+@pytest.mark.slow
+def test_small_model_follows_captions(tmp_path):
+    """A smaller version of the demo's model and data (64 clips, one process, 600 steps of the long
+    stage) trained with the demo's recipe: its streamed videos must clear caption-following marks that
+    noise and an untrained model cannot reach (both score 0 on every field; benchmarks/README.md)."""
+    from magitrain import demo
+    from magitrain.caption_score import mean_score, score_video
+    from magitrain.config import load_config
+    from magitrain.configs import config_path
+    from magitrain.data_pipeline.encoders import PatchEncoder
+    from magitrain.train import train
+
+    torch.set_num_threads(1)
+    demo.make_media(str(tmp_path / "media"), 64)
+    overrides = [f"run.dir={tmp_path / 'run'}", f"data.shards={tmp_path / 'shards'}", "parallel.dp=1",
+                 "parallel.cp=1", "parallel.tp=1", "train.steps=600", "log.progress=false", "log.tensorboard=false"]
+    cfg = load_config(config_path("demo.yaml"), overrides, world_size=1)
+    demo.build_shards(str(tmp_path / "media"), str(tmp_path / "shards"), cfg, 64)
+    cfg.data.curriculum = cfg.data.curriculum[-1:]  # the long clips only
+    train(cfg)
+
+    captions = demo.SEEN_CAPTIONS[:4]
+    scores = []
+    for i, caption in enumerate(captions):
+        summary = demo.stream_video(cfg.run.dir, caption, str(tmp_path / f"v{i}.mp4"), chunks=4, seed=i + 1)
+        scores.append(demo.score_latents(summary["latents"], caption, cfg.model.in_channels))
+    trained = mean_score(scores)
+    print("trained:", trained)
+    enc, g = PatchEncoder(4), torch.Generator().manual_seed(0)
+    noise = mean_score([score_video(enc.decode(torch.randn(4, 8, 8, 8, generator=g)), c) for c in captions])
+    assert noise.object_present == 0 and noise.colour == 0
+    assert trained.object_present >= 0.3 and trained.colour >= 0.3, trained
