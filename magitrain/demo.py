@@ -44,7 +44,9 @@ import torch
 from magitrain.config import Config, ConfigError, load_config, save_config
 from magitrain.configs import config_path
 
-WORLD = 4  # local ranks
+WORLD = 4  # local ranks of the tp and cp launches (dp=2 x tp=2, dp=2 x cp=2)
+DP = 2  # data-parallel ranks: the same in every launch (a resumed data stream keeps its dp split)
+CP_STEPS = 30  # long-stage steps on dp=2 x cp=2 before the rest runs on dp=2 alone
 PIXELS, FRAMES = 64, 32  # media size: PatchEncoder latents of 8x8, 8 latent frames
 LOW_RES = 32  # the low-res shard set: the same clips downscaled, latents of 4x4
 TEMPORAL_FACTOR = 4  # PatchEncoder: pixel frames per latent frame
@@ -163,25 +165,36 @@ def demo_config(out: str, quick: bool, overrides: list[str]) -> Config:
     return cfg
 
 
-def training_phases(cfg: Config) -> list[tuple[str, list[str]]]:
-    """The two launches: ``(description, overrides)``. The first trains the stages before the last
-    one (images, short clips) on dp=2 x tp=2; the second resumes it on dp=2 x cp=2 for the rest."""
+def training_phases(cfg: Config) -> list[tuple[str, int, list[str]]]:
+    """The launches: ``(description, ranks, overrides)``. The stages before the last (images, short
+    clips: one or two chunks, nothing for CP to split) on dp=2 x tp=2; the first ``CP_STEPS`` of the
+    long stage resumed (resharded) on dp=2 x cp=2; the rest on dp=2 alone, one rank per core: on
+    a 2-core CPU, 4 ranks of a 2-layer model spend most of a step waiting in collectives
+    (docs/design.md, issue 13), so the bulk of the steps run where they are cheapest."""
     split = cfg.data.curriculum[-2].until_step if len(cfg.data.curriculum) > 1 else 0
-    tp_layout = ["parallel.dp=2", "parallel.cp=1", "parallel.tp=2"]
-    cp_layout = ["parallel.dp=2", "parallel.cp=2", "parallel.tp=1"]
+    tp_layout = [f"parallel.dp={DP}", "parallel.cp=1", "parallel.tp=2"]
+    cp_layout = [f"parallel.dp={DP}", "parallel.cp=2", "parallel.tp=1"]
+    dp_layout = [f"parallel.dp={DP}", "parallel.cp=1", "parallel.tp=1"]
     fresh = ["run.overwrite=true"]  # a rerun of the demo moves its previous run aside (run.dir.replaced-TIME)
-    if not 0 < split < cfg.train.steps:
-        return [(f"steps 1-{cfg.train.steps} on dp=2 x cp=2", cp_layout + fresh)]
+    resume = ["ckpt.resume=auto"]
+    end = cfg.train.steps
+    if not 0 < split < end:
+        return [(f"steps 1-{end} on dp=2 x cp=2", WORLD, cp_layout + fresh)]
     names = " -> ".join(s.name for s in cfg.data.curriculum[:-1])
-    return [(f"{names}: steps 1-{split} on dp=2 x tp=2", tp_layout + [f"train.stop_at={split}"] + fresh),
-            (f"{cfg.data.curriculum[-1].name}: steps {split + 1}-{cfg.train.steps} resumed (resharded) on "
-             f"dp=2 x cp=2", cp_layout + ["ckpt.resume=auto"])]
+    long = cfg.data.curriculum[-1].name
+    cp_end = min(end, split + CP_STEPS)
+    phases = [(f"{names}: steps 1-{split} on dp=2 x tp=2", WORLD, tp_layout + [f"train.stop_at={split}"] + fresh),
+              (f"{long}: steps {split + 1}-{cp_end} resumed (resharded) on dp=2 x cp=2", WORLD,
+               cp_layout + resume + ([f"train.stop_at={cp_end}"] if cp_end < end else []))]
+    if cp_end < end:
+        phases.append((f"{long}: steps {cp_end + 1}-{end} resumed (resharded) on dp=2", DP, dp_layout + resume))
+    return phases
 
 
-def launch_command(config_file: str, overrides: list[str]) -> list[str]:
-    """torchrun with ``WORLD`` local ranks; with fewer GPUs than ranks the ranks run on CPU (gloo)."""
-    extra = [] if torch.cuda.device_count() >= WORLD else ["parallel.backend=gloo"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+def launch_command(config_file: str, overrides: list[str] = (), ranks: int = WORLD) -> list[str]:
+    """torchrun with ``ranks`` local ranks; with fewer GPUs than ranks the ranks run on CPU (gloo)."""
+    extra = [] if torch.cuda.device_count() >= ranks else ["parallel.backend=gloo"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
             "-m", "magitrain.train", "--config", config_file, *extra, *overrides]
 
 
@@ -192,8 +205,8 @@ def run_training(cfg: Config, progress: Progress) -> None:
     save_config(cfg, config_file)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", QUIET_WARNINGS), PYTHONUNBUFFERED="1")
-    for what, overrides in training_phases(cfg):
-        cmd = launch_command(config_file, overrides)
+    for what, ranks, overrides in training_phases(cfg):
+        cmd = launch_command(config_file, overrides, ranks)
         progress.say(f"  {what}")
         progress.say("  $ python " + " ".join(cmd[1:]))
         rc = subprocess.call(cmd, env=env)
@@ -315,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         progress.say(f"  {folder}: {manifest['samples']} samples in {len(manifest['shards'])} shards, latent "
                      f"buckets {', '.join(manifest['buckets'])}")
 
-    progress.phase(f"training: {WORLD} ranks, {cfg.train.steps} steps, curriculum "
+    progress.phase(f"training: {WORLD} then {DP} ranks, {cfg.train.steps} steps, curriculum "
                    f"{' -> '.join(s.name for s in cfg.data.curriculum)}, over dp, tp and cp")
     try:
         run_training(cfg, progress)

@@ -77,7 +77,7 @@ def clip_grad_norm_(parameters, max_norm: float, world_size: int = 1) -> float:
         total += g.double().pow(2).sum() / _replication(p, world_size)
     dist.all_reduce(total)
     norm = float(total.sqrt())
-    coef = min(1.0, max_norm / (norm + 1e-6))
-    for p in params:
-        p.grad.mul_(coef)
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:  # on the local pieces, one multi-tensor op (no DTensor dispatch per parameter)
+        torch._foreach_mul_([p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad for p in params], coef)
     return norm

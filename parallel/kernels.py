@@ -13,8 +13,12 @@ Because every kernel returns the LSE, partial results over disjoint key sets mer
 
 Backends, picked at run time by :func:`slice_attention`:
 
-- ``torch``: plain PyTorch, any device, differentiable by autograd. The CPU training path
-  and the reference for the others.
+- ``torch``: plain PyTorch, one dense block per slice, any device, differentiable by autograd.
+  The reference for the others.
+- ``grouped``: the same function with the slices grouped into a few batched dense blocks
+  (:mod:`.grouped_attention`); plain PyTorch, differentiable. The CPU path (training and
+  inference): a packed batch of short clips has hundreds of slices, and per-slice overhead,
+  not arithmetic, dominated the reference's time.
 - ``flex``: ``torch.nn.attention.flex_attention`` with a block mask built from the slices
   (compiled on CUDA). Differentiable on CUDA; forward only on CPU (its backward raises there),
   so it is picked on CUDA only.
@@ -33,6 +37,7 @@ from typing import Callable
 import torch
 
 from .block_mask import slice_block_mask
+from .grouped_attention import grouped_slice_attention
 from .mask import AttnRange, AttnSlice, AttnSlices, MaskType
 
 _NEG_INF = float("-inf")
@@ -261,6 +266,7 @@ def _check_shapes(q, k, slices: AttnSlices):
 
 BACKENDS: dict[str, Callable] = {
     "torch": torch_slice_attention,
+    "grouped": grouped_slice_attention,
     "flex": _flex_slice_attention,
     "flash": _flash_slice_attention,
 }
@@ -277,11 +283,11 @@ def _flash_available() -> bool:
 def pick_backend(q: torch.Tensor, requires_grad: bool) -> str:
     """The fastest backend that supports this device, dtype and (for training) backward.
 
-    CPU: ``torch`` (flex has no CPU backward, and its eager CPU forward is slower).
+    CPU: ``grouped`` (flex has no CPU backward, and its eager CPU forward is slower).
     CUDA: ``flash`` for fp16/bf16 inference when flash-attn imports, else ``flex``.
     """
     if not q.is_cuda:
-        return "torch"
+        return "grouped"
     if not requires_grad and q.dtype in (torch.float16, torch.bfloat16) and _flash_available():
         return "flash"
     return "flex"

@@ -224,7 +224,7 @@ def test_flex_backend_forward_matches_torch_on_cpu():
     assert torch.equal(covered, torch.isfinite(lse_f))
     assert torch.allclose(out_f, out_t, atol=1e-5)
     assert torch.allclose(lse_f[covered], lse_t[covered], atol=1e-5)
-    assert pick_backend(q, requires_grad=True) == "torch"
+    assert pick_backend(q, requires_grad=True) == "grouped"
 
 
 @pytest.mark.gpu

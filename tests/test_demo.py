@@ -1,5 +1,5 @@
-"""The demo end to end (media -> shards -> 4-rank curriculum training -> streamed mp4 -> quality
-check), and the throughput accounting the trainer logs per step and per stage."""
+"""The demo end to end (media -> shards -> curriculum training over dp x tp, dp x cp, dp -> streamed
+mp4 -> caption scores), and the throughput accounting the trainer logs per step and per stage."""
 
 import json
 import subprocess
@@ -125,19 +125,23 @@ def test_quick_demo_end_to_end(tmp_path):
     assert sum(s["steps"] for s in stages) == cfg.train.steps
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, cfg.train.steps + 1))
-    for key in ("tokens_per_s", "mfu", "attn_area", "cp_area_imbalance", "cp_remote_kv_tokens", "data_time_s",
-                "data_skipped"):
-        assert key in records[-1], key
-    assert len(records[-1]["cp_remote_kv_tokens"]) == 2
-    long_steps = [r for r in records if r.get("stage") == "long"]
-    assert any(sum(r["cp_remote_kv_tokens"]) > 0 for r in long_steps)  # long clips span both CP ranks
+    for key in ("tokens_per_s", "mfu", "attn_area", "data_time_s", "data_skipped"):
+        assert all(key in r for r in records), key
+    # the dp=2 x cp=2 launch: the dispatch plan's figures, long clips spanning both CP ranks
+    cp_steps = [r for r in records if "cp_remote_kv_tokens" in r]
+    assert len(cp_steps) == demo.CP_STEPS and all(r["stage"] == "long" for r in cp_steps)
+    assert all(len(r["cp_remote_kv_tokens"]) == 2 and "cp_area_imbalance" in r for r in cp_steps)
+    assert any(sum(r["cp_remote_kv_tokens"]) > 0 for r in cp_steps)
+    assert "on dp=2\n" in proc.stdout or "on dp=2 " in proc.stdout  # the dp-only launch for the rest
 
 
 @pytest.mark.slow
 def test_small_model_follows_captions(tmp_path):
-    """A smaller version of the demo's model and data (64 clips, one process, 600 steps of the long
-    stage) trained with the demo's recipe: its streamed videos must clear caption-following marks that
-    noise and an untrained model cannot reach (both score 0 on every field; benchmarks/README.md)."""
+    """A smaller version of the demo's model and data (64 clips, one process, 1000 steps of the long
+    stage) trained with the demo's recipe: its streamed videos of the 8 seen captions must clear
+    caption-following marks that noise and an untrained model cannot reach (both score 0 on every
+    field; benchmarks/README.md). The marks sit well below what such runs reach (see the README's
+    table: different CPUs round differently, so the trained model differs from machine to machine)."""
     from magitrain import demo
     from magitrain.caption_score import mean_score, score_video
     from magitrain.config import load_config
@@ -148,13 +152,13 @@ def test_small_model_follows_captions(tmp_path):
     torch.set_num_threads(1)
     demo.make_media(str(tmp_path / "media"), 64)
     overrides = [f"run.dir={tmp_path / 'run'}", f"data.shards={tmp_path / 'shards'}", "parallel.dp=1",
-                 "parallel.cp=1", "parallel.tp=1", "train.steps=600", "log.progress=false", "log.tensorboard=false"]
+                 "parallel.cp=1", "parallel.tp=1", "train.steps=1000", "log.progress=false", "log.tensorboard=false"]
     cfg = load_config(config_path("demo.yaml"), overrides, world_size=1)
     demo.build_shards(str(tmp_path / "media"), str(tmp_path / "shards"), cfg, 64)
     cfg.data.curriculum = cfg.data.curriculum[-1:]  # the long clips only
     train(cfg)
 
-    captions = demo.SEEN_CAPTIONS[:4]
+    captions = demo.SEEN_CAPTIONS
     scores = []
     for i, caption in enumerate(captions):
         summary = demo.stream_video(cfg.run.dir, caption, str(tmp_path / f"v{i}.mp4"), chunks=4, seed=i + 1)

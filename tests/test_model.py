@@ -54,8 +54,8 @@ def rows(out, chunk):
 
 
 def check_chunks(a, b, unchanged, changed):
-    for c in unchanged:
-        assert torch.equal(rows(a, c), rows(b, c)), f"chunk {c} changed"
+    for c in unchanged:  # fp64: a different mask may batch the same rows differently (last-bit rounding)
+        assert torch.allclose(rows(a, c), rows(b, c), rtol=0, atol=1e-12), f"chunk {c} changed"
     for c in changed:
         assert (rows(a, c) - rows(b, c)).abs().max() > 1e-6, f"chunk {c} did not change"
 
