@@ -339,7 +339,7 @@ def build_parts(args, rank: int, world: int) -> dict | None:
               f"({n_parts} parts in all)", file=sys.stderr)
     builder = ShardBuilder(args) if mine else None
     for p in mine:
-        _build_part(builder, args, out, p, files[p * k:(p + 1) * k], keys[p * k:(p + 1) * k])
+        _build_part(builder, args, out, p, files[p * k:(p + 1) * k], keys[p * k:(p + 1) * k], rank)
     records = []
     for p in range(n_parts):
         try:
@@ -352,7 +352,8 @@ def build_parts(args, rank: int, world: int) -> dict | None:
     return manifest
 
 
-def _build_part(builder: ShardBuilder, args, out: str, part: int, files: list[str], keys: list[str]) -> None:
+def _build_part(builder: ShardBuilder, args, out: str, part: int, files: list[str], keys: list[str],
+                rank: int) -> None:
     prefix = f"shard-{part:06d}-"
     for name in os.listdir(out):  # shards an interrupted run left of this part
         if name.startswith(prefix) and name.endswith(".tar"):
@@ -365,6 +366,7 @@ def _build_part(builder: ShardBuilder, args, out: str, part: int, files: list[st
     for name in record["shards"]:
         os.replace(os.path.join(work, name), os.path.join(out, name))
     shutil.rmtree(work, ignore_errors=True)
+    record["built_by"] = {"rank": rank, "host": os.uname().nodename, "files": len(files)}
     _write_json(_part_record(out, part), record)  # last: the part is done once this exists
 
 
