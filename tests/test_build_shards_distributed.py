@@ -27,6 +27,7 @@ from magitrain.data_pipeline.media import encode_mp4
 from PIL import Image
 
 PART_FILES = 2
+N_FILES = 12
 BLOCK_AFTER = 2  # encodes per process before a blocking encoder hangs: its 1st part done, the 2nd begun
 
 
@@ -54,14 +55,15 @@ def blocking_patch(channels: int, weights: str) -> BlockingPatch:
 
 
 def _make_media(src: str) -> None:
-    """11 files: videos and images, a key clash (a.mp4 / a.png -> a, a_1), one broken file."""
+    """12 files: videos and images, one broken file, key clashes within a part (a.mp4 / a.png -> a, a_1) and
+    across parts (sub/p4.png, part 2 / sub_p4.png, part 4 -> sub_p4, sub_p4_1)."""
     os.makedirs(os.path.join(src, "sub"))
     g = torch.Generator().manual_seed(0)
     for i in range(4):
         video = torch.randint(0, 256, (8, 16, 16, 3), generator=g, dtype=torch.uint8)
         with open(os.path.join(src, "sub" if i % 2 else "", f"v{i}.mp4"), "wb") as f:
             f.write(encode_mp4(video, fps=8))
-    for name in ["a", "p1", "p2", "p3", "sub/p4", "sub/p5"]:
+    for name in ["a", "p1", "p2", "p3", "sub/p4", "sub/p5", "sub_p4"]:
         img = torch.randint(0, 256, (16, 24, 3), generator=g, dtype=torch.uint8)
         Image.fromarray(img.numpy()).save(os.path.join(src, f"{name}.png"))
         with open(os.path.join(src, f"{name}.txt"), "w") as f:
@@ -109,10 +111,10 @@ def _torchrun(src: str, out: str, *extra: str, **kw) -> subprocess.Popen:
 
 def _check_equal_and_disjoint(out: str, ref: str) -> None:
     expect, got = _samples(ref), _samples(out)
-    assert len(expect) == 10 and "a_1" in expect  # 11 files, the broken one skipped
+    assert len(expect) == N_FILES - 1 and {"a_1", "sub_p4_1"} <= set(expect)  # the broken file skipped
     assert got == expect
     assert _manifest(out) == _manifest(ref)
-    for p in range(-(-11 // PART_FILES)):
+    for p in range(-(-N_FILES // PART_FILES)):
         with open(os.path.join(out, "parts", f"part-{p:06d}.json")) as f:
             rec = json.load(f)
         assert rec["built_by"]["rank"] == p % 2
@@ -171,7 +173,7 @@ def test_kill_then_resume_skips_finished_parts(tmp_path):
         assert build_shards([src, out, *FLAGS, *enc, "--rank", str(rank), "--world-size", "2"]) == 0
         assert os.path.exists(os.path.join(out, "manifest.json")) == (rank == 1)  # the last one merges
     encoded = sum(len(open(p).read().split()) for p in glob.glob(os.path.join(control, "log-*")))
-    assert encoded == 11 - PART_FILES  # part 0 (a.png and the broken a.mp4) skipped, the 9 others encoded
+    assert encoded == N_FILES - PART_FILES  # part 0 (a.png and the broken a.mp4) skipped, the others encoded
     assert not os.listdir(os.path.join(out, ".tmp"))
     ref = _reference(tmp_path, src)
     assert _samples(out) == _samples(ref)
