@@ -186,7 +186,7 @@ def assign_keys(args, files: list[str]) -> list[str]:
     return [sample_key(os.path.relpath(path, args.src), used) for path in files]
 
 
-def _write_samples(builder: "ShardBuilder", args, files: list[str], keys: list[str], pattern: str,
+def _write_samples(builder: ShardBuilder, args, files: list[str], keys: list[str], pattern: str,
                    desc: str = "build_shards") -> dict:
     """Encode ``files`` into shards named by ``pattern``; their per-shard and per-bucket counts and skips."""
     shards: dict[str, dict] = {}

@@ -89,7 +89,7 @@ class MagiVAELatents:
         from magitrain.data_pipeline.magi1_vae import MagiVAE
 
         if device is None:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
         if dtype is None:
             dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         self.vae = MagiVAE.from_pretrained(folder, dtype=dtype, device=device)

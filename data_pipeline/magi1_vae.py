@@ -29,8 +29,8 @@ import os
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 SCALE_FACTOR = 0.18215  # MAGI-1 runtime_config.scale_factor; applied by the data pipeline and generate
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
@@ -72,7 +72,7 @@ class VAEConfig:
     use_final_proj: bool = False
 
     @classmethod
-    def from_json(cls, path: str) -> "VAEConfig":
+    def from_json(cls, path: str) -> VAEConfig:
         try:
             with open(path) as f:
                 raw = json.load(f)
@@ -262,7 +262,7 @@ class MagiVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype: torch.dtype = torch.float32, device="cpu",
-                        bf16_attention: bool = True) -> "MagiVAE":
+                        bf16_attention: bool = True) -> MagiVAE:
         """Load MAGI-1's VAE folder (``config.json`` + weights under MAGI-1's key names), strictly."""
         if not os.path.isdir(folder):
             raise MagiVAEError(f"MAGI-1 VAE folder not found: {folder}")
@@ -282,7 +282,7 @@ class MagiVAE(nn.Module):
         shapes = vae.state_dict()
         wrong = [k for k in expected if tuple(state[k].shape) != tuple(shapes[k].shape)]
         if wrong:
-            k = sorted(wrong)[0]
+            k = min(wrong)
             raise MagiVAEError(f"{weights}: {k} has shape {list(state[k].shape)}, the config needs "
                                f"{list(shapes[k].shape)} ({len(wrong)} tensors differ)")
         vae.load_state_dict(state, strict=True, assign=True)

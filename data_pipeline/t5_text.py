@@ -118,7 +118,7 @@ class T5TextEncoder:
         from transformers import AutoTokenizer, T5EncoderModel
 
         if device is None:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self.model = T5EncoderModel.from_pretrained(path, dtype=torch.float32, local_files_only=True)

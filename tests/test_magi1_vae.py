@@ -121,9 +121,10 @@ def test_loader_strict_and_safe(tmp_path, vae):
     save_file(state, str(renamed / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(MagiVAEError, match=r"missing \['encoder.blocks.0.norm2.weight'\]"):
         MagiVAE.from_pretrained(str(renamed))
-    cfg = json.load(open(os.path.join(REF, "config.json")))
+    with open(os.path.join(REF, "config.json")) as f:
+        cfg = json.load(f)
     cfg["ddconfig"]["use_rope"] = True
-    json.dump(cfg, open(renamed / "config.json", "w"))
+    (renamed / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(MagiVAEError, match="not supported here: use_rope=True"):
         MagiVAE.from_pretrained(str(renamed))
 

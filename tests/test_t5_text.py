@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("ftfy")
 pytest.importorskip("bs4")
 
-from magitrain.data_pipeline.t5_text import T5TextEncoder, clean_caption, clean_caption_once  # noqa: E402
+from magitrain.data_pipeline.t5_text import T5TextEncoder, clean_caption, clean_caption_once
 
 MAX_LEN = 12
 SENTENCES = ["a red ball rolls on the grass", "the cat sits on a mat", "a blue car drives down the road at night",
