@@ -9,11 +9,25 @@ and centre-cropped; with ``--latent-encoder`` they are encoded to ``KEY.latent.n
 stored as media (the original bytes when neither resized nor cut). A file that fails is
 reported and skipped. Writes ``shard-NNNNNN.tar`` files and ``manifest.json`` (samples and
 token counts per shard and per shape bucket). The format is described in ``shard_format``.
+
+``--latent-encoder magi1-vae --encoder-weights DIR`` encodes with MAGI-1's own VAE (``magi1-vae-tiled``:
+as MAGI-1's pipeline tiles); the shards hold ``encode(x) * 0.18215``. ``--text-encoder t5 --text-weights
+DIR`` stores MAGI-1's T5 caption embeddings (see ``encoders``).
+
+Distributed / resumable precompute (``torchrun --nproc_per_node N -m magitrain.data_pipeline.build_shards
+...``, or one SLURM array task per rank with ``--rank $SLURM_ARRAY_TASK_ID --world-size
+$SLURM_ARRAY_TASK_COUNT``, or ``--resumable`` in one process): the sorted media list is cut into parts of
+``--part-files`` files; part ``p`` is built by rank ``p % world`` into ``shard-PPPPPP-KKK.tar`` and is done
+once its record ``parts/part-PPPPPP.json`` exists (written after its shards are in place). A rerun (after a
+kill, with any world size) skips done parts and rebuilds the others; whichever rank finishes last merges
+the records into ``manifest.json``. ``build.json`` pins the inputs and options: a rerun with others is
+refused. Sample keys are assigned over the whole list, so every world size gives the same samples.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -60,6 +74,18 @@ def sample_key(rel: str, used: set) -> str:
         key, i = f"{base}_{i}", i + 1
     used.add(key)
     return key
+
+
+def resolve_defaults(args) -> None:
+    """Fill the width/length flags left unset: the built-in encoders' own sizes (idempotent)."""
+    from magitrain.data_pipeline.encoders import MAGI1_VAE
+
+    if args.latent_channels is None and args.latent_encoder not in MAGI1_VAE:
+        args.latent_channels = 4
+    if args.text_encoder != "t5":
+        args.text_dim = 32 if args.text_dim is None else args.text_dim
+    if args.text_len is None:
+        args.text_len = 800 if args.text_encoder == "t5" else 8
 
 
 class ShardBuilder:
@@ -137,6 +163,7 @@ def build(args) -> dict:
     files = find_media(args.src)
     if not files:
         raise BuildError(f"no media files under {args.src}")
+    resolve_defaults(args)
     tmp = f"{out}.tmp-build-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -153,17 +180,23 @@ def build(args) -> dict:
     return manifest
 
 
-def _build_into(args, files: list[str], folder: str) -> dict:
-    builder = ShardBuilder(args)
+def assign_keys(args, files: list[str]) -> list[str]:
+    """Sample keys over the whole sorted list (the same in every process, whatever part it builds)."""
+    used: set = set()
+    return [sample_key(os.path.relpath(path, args.src), used) for path in files]
+
+
+def _write_samples(builder: ShardBuilder, args, files: list[str], keys: list[str], pattern: str,
+                   desc: str = "build_shards") -> dict:
+    """Encode ``files`` into shards named by ``pattern``; their per-shard and per-bucket counts and skips."""
     shards: dict[str, dict] = {}
     buckets: dict[str, dict] = {}
-    skipped, used = [], set()
-    pattern = os.path.join(folder, "shard-%06d.tar")
+    skipped = []
     with wds.ShardWriter(pattern, maxcount=args.max_shard_samples, maxsize=args.max_shard_size,
                          encoder=False, verbose=0) as writer:
-        for path in tqdm(files, desc="build_shards", unit="file", disable=args.quiet):
+        for path, key in tqdm(list(zip(files, keys)), desc=desc, unit="file", disable=args.quiet):
             try:
-                sample, (f, h, w) = builder.sample(path, sample_key(os.path.relpath(path, args.src), used))
+                sample, (f, h, w) = builder.sample(path, key)
             except Exception as e:  # one bad file never aborts the build  # noqa: BLE001
                 print(f"build_shards: skipped {path}: {type(e).__name__}: {e}", file=sys.stderr)
                 skipped.append({"file": os.path.relpath(path, args.src), "error": f"{type(e).__name__}: {e}"})
@@ -176,17 +209,165 @@ def _build_into(args, files: list[str], folder: str) -> dict:
             bucket = buckets.setdefault(f"{f}x{h}x{w}", {"samples": 0, "tokens": 0})
             bucket["samples"] += 1
             bucket["tokens"] += tokens
-    manifest = {"format": "magitrain-webdataset-1",
-                "content": "latent" if builder.latent_encoder is not None else "media",
-                "latent_dtype": args.latent_dtype if builder.latent_encoder is not None else None,
-                "token_grid": {"patch_size": args.patch_size, "t_patch_size": args.t_patch_size,
-                               "note": "buckets are latent (frames, height, width)"},
-                "samples": sum(s["samples"] for s in shards.values()),
-                "shards": [{"name": k, **v} for k, v in sorted(shards.items())],
-                "buckets": dict(sorted(buckets.items())), "skipped": skipped}
-    with open(os.path.join(folder, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
+    return {"shards": shards, "buckets": buckets, "skipped": skipped}
+
+
+def _manifest(args, records: list[dict]) -> dict:
+    shards: dict[str, dict] = {}
+    buckets: dict[str, dict] = {}
+    skipped = []
+    for rec in records:
+        shards.update(rec["shards"])
+        for name, b in rec["buckets"].items():
+            into = buckets.setdefault(name, {"samples": 0, "tokens": 0})
+            into["samples"] += b["samples"]
+            into["tokens"] += b["tokens"]
+        skipped += rec["skipped"]
+    latent = args.latent_encoder != "none"
+    return {"format": "magitrain-webdataset-1",
+            "content": "latent" if latent else "media",
+            "latent_dtype": args.latent_dtype if latent else None,
+            "token_grid": {"patch_size": args.patch_size, "t_patch_size": args.t_patch_size,
+                           "note": "buckets are latent (frames, height, width)"},
+            "samples": sum(s["samples"] for s in shards.values()),
+            "shards": [{"name": k, **v} for k, v in sorted(shards.items())],
+            "buckets": dict(sorted(buckets.items())), "skipped": skipped}
+
+
+def _write_json(path: str, obj) -> None:
+    """Atomically (a reader or a kill never sees half a file)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _build_into(args, files: list[str], folder: str) -> dict:
+    builder = ShardBuilder(args)
+    record = _write_samples(builder, args, files, assign_keys(args, files), os.path.join(folder, "shard-%06d.tar"))
+    manifest = _manifest(args, [record])
+    _write_json(os.path.join(folder, "manifest.json"), manifest)
     return manifest
+
+
+# ------------------------------------------------------------------ distributed / resumable build
+
+BUILD_RECORD = "build.json"
+PARTS_DIR = "parts"
+CONTENT_ARGS = ("size", "max_frames", "latent_encoder", "latent_channels", "latent_dtype", "encoder_weights",
+                "text_encoder", "text_dim", "text_len", "text_weights", "patch_size", "t_patch_size",
+                "max_shard_size", "max_shard_samples", "part_files")
+
+
+def world_position(args) -> tuple[int, int] | None:
+    """``(rank, world)`` for a parts build: the flags (SLURM arrays), else torchrun's environment; None for
+    the classic one-process build."""
+    if args.rank is not None or args.world_size is not None:
+        rank, world = args.rank or 0, args.world_size or 1
+    elif "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    elif args.resumable:
+        rank, world = 0, 1
+    else:
+        return None
+    if not 0 <= rank < world:
+        raise BuildError(f"--rank {rank} is not in [0, --world-size {world})")
+    return rank, world
+
+
+def build_fingerprint(args, files: list[str]) -> dict:
+    """What a part's content depends on: the media list (paths, sizes, caption sizes) and the options."""
+    h = hashlib.sha256()
+    for path in files:
+        cap = os.path.splitext(path)[0] + ".txt"
+        cap_size = os.path.getsize(cap) if os.path.exists(cap) else -1
+        h.update(f"{os.path.relpath(path, args.src)}\0{os.path.getsize(path)}\0{cap_size}\n".encode())
+    opts = {k: getattr(args, k) for k in CONTENT_ARGS}
+    for k in ("encoder_weights", "text_weights"):
+        opts[k] = os.path.abspath(opts[k]) if opts[k] else ""
+    opts["size"] = list(opts["size"]) if opts["size"] else None
+    return {"format": "magitrain-build-parts-1", "files": len(files), "media_sha256": h.hexdigest(), "options": opts}
+
+
+def _claim_folder(args, out: str, fingerprint: dict, world: int) -> None:
+    """Create ``out`` with its build record, or check that it holds this same build (to resume)."""
+    record = os.path.join(out, BUILD_RECORD)
+    if os.path.exists(out) and not os.path.exists(record) and os.listdir(out):
+        if not (getattr(args, "overwrite", False) and world == 1):
+            raise BuildError(f"{args.out} is not empty and holds no resumable build; pick a new folder"
+                             + ("" if world > 1 else " or pass --overwrite"))
+        shutil.rmtree(out)
+    os.makedirs(os.path.join(out, PARTS_DIR), exist_ok=True)
+    tmp = f"{record}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(fingerprint, f, indent=1)
+    try:
+        os.link(tmp, record)  # exclusive create: the first rank's record wins, the others compare
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    with open(record) as f:
+        held = json.load(f)
+    if held != fingerprint:
+        if getattr(args, "overwrite", False) and world == 1:
+            shutil.rmtree(out)
+            return _claim_folder(args, out, fingerprint, world)
+        changed = sorted(k for k in fingerprint["options"] if held.get("options", {}).get(k) != fingerprint["options"][k])
+        what = f"options {changed}" if changed else "the media files"
+        raise BuildError(f"{args.out} holds a build of other inputs ({what} differ); remove it or pick a new folder")
+
+
+def _part_record(out: str, part: int) -> str:
+    return os.path.join(out, PARTS_DIR, f"part-{part:06d}.json")
+
+
+def build_parts(args, rank: int, world: int) -> dict | None:
+    """Build this rank's unfinished parts; the merged manifest if this rank saw the last part done."""
+    out = os.path.abspath(args.out).rstrip(os.sep)
+    files = find_media(args.src)
+    if not files:
+        raise BuildError(f"no media files under {args.src}")
+    resolve_defaults(args)
+    _claim_folder(args, out, build_fingerprint(args, files), world)
+    keys = assign_keys(args, files)
+    k = args.part_files
+    n_parts = -(-len(files) // k)
+    mine = [p for p in range(rank, n_parts, world) if not os.path.exists(_part_record(out, p))]
+    if not args.quiet:
+        print(f"build_shards: rank {rank}/{world}: {len(mine)} of {len(range(rank, n_parts, world))} parts to build "
+              f"({n_parts} parts in all)", file=sys.stderr)
+    builder = ShardBuilder(args) if mine else None
+    for p in mine:
+        _build_part(builder, args, out, p, files[p * k:(p + 1) * k], keys[p * k:(p + 1) * k], rank)
+    records = []
+    for p in range(n_parts):
+        try:
+            with open(_part_record(out, p)) as f:
+                records.append(json.load(f))
+        except FileNotFoundError:
+            return None  # another rank is still building; the last one merges
+    manifest = _manifest(args, records)
+    _write_json(os.path.join(out, "manifest.json"), manifest)
+    return manifest
+
+
+def _build_part(builder: ShardBuilder, args, out: str, part: int, files: list[str], keys: list[str],
+                rank: int) -> None:
+    prefix = f"shard-{part:06d}-"
+    for name in os.listdir(out):  # shards an interrupted run left of this part
+        if name.startswith(prefix) and name.endswith(".tar"):
+            os.unlink(os.path.join(out, name))
+    work = os.path.join(out, ".tmp", f"part-{part:06d}")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    record = _write_samples(builder, args, files, keys, os.path.join(work, prefix + "%03d.tar"),
+                            desc=f"build_shards part {part}")
+    for name in record["shards"]:
+        os.replace(os.path.join(work, name), os.path.join(out, name))
+    shutil.rmtree(work, ignore_errors=True)
+    record["built_by"] = {"rank": rank, "host": os.uname().nodename, "files": len(files)}
+    _write_json(_part_record(out, part), record)  # last: the part is done once this exists
 
 
 def parser() -> argparse.ArgumentParser:
@@ -197,18 +378,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-samples", type=int, default=100000, help="samples per shard")
     p.add_argument("--size", type=parse_hw, default=None, help="resize+centre-crop to HEIGHTxWIDTH pixels")
     p.add_argument("--max-frames", type=int, default=None, help="keep the first N frames of a video")
-    p.add_argument("--latent-encoder", default="none", help="none (store media) | patch | module.path:factory")
-    p.add_argument("--latent-channels", type=int, default=4)
+    p.add_argument("--latent-encoder", default="none",
+                   help="none (store media) | patch | magi1-vae | magi1-vae-tiled | module.path:factory")
+    p.add_argument("--latent-channels", type=int, default=None,
+                   help="latent channels (default: 4 for patch, the VAE's own for magi1-vae)")
     p.add_argument("--latent-dtype", choices=fmt.LATENT_DTYPES, default="float16")
-    p.add_argument("--encoder-weights", default="", help="local weights for a custom latent encoder")
-    p.add_argument("--text-encoder", default="none", help="none (captions only) | hash | module.path:factory")
-    p.add_argument("--text-dim", type=int, default=32)
-    p.add_argument("--text-len", type=int, default=8)
-    p.add_argument("--text-weights", default="")
+    p.add_argument("--encoder-weights", default="",
+                   help="local weights: MAGI-1's VAE folder for magi1-vae, or a custom encoder's")
+    p.add_argument("--text-encoder", default="none", help="none (captions only) | hash | t5 | module.path:factory")
+    p.add_argument("--text-dim", type=int, default=None, help="embedding width (default: 32 for hash, T5's own for t5)")
+    p.add_argument("--text-len", type=int, default=None, help="tokens per caption (default: 8 for hash, 800 for t5)")
+    p.add_argument("--text-weights", default="", help="local folder: MAGI-1's T5 (t5-v1_1-xxl) for t5")
     p.add_argument("--patch-size", type=int, default=2, help="for the manifest's token counts")
     p.add_argument("--t-patch-size", type=int, default=1, help="for the manifest's token counts")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace the shard set already in OUT (as a whole)")
+    p.add_argument("--part-files", type=int, default=64, help="media files per resumable part (parts builds)")
+    p.add_argument("--rank", type=int, default=None, help="this process's rank (SLURM arrays: $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--world-size", type=int, default=None, help="processes in all ($SLURM_ARRAY_TASK_COUNT)")
+    p.add_argument("--resumable", action="store_true", help="one process, but as a resumable parts build")
     return p
 
 
@@ -217,10 +405,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.latent_encoder == "none" and args.latent_dtype != "float16":
         print("build_shards: --latent-dtype needs --latent-encoder", file=sys.stderr)
         return 2
+    if args.part_files < 1:
+        print("error: build_shards: --part-files must be >= 1", file=sys.stderr)
+        return 2
     try:
-        manifest = build(args)
-    except (BuildError, OSError) as e:
-        print(f"error: build_shards: {e}", file=sys.stderr)
+        position = world_position(args)
+        if position is None:
+            manifest = build(args)
+        else:
+            manifest = build_parts(args, *position)
+            if manifest is None:
+                print(f"build_shards: rank {position[0]} done; the last rank to finish writes the manifest")
+                return 0
+    except (ValueError, OSError) as e:  # BuildError, a missing/unloadable encoder folder, a bad option
+        print(f"error: build_shards: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     print(f"build_shards: {manifest['samples']} samples in {len(manifest['shards'])} shards, "
           f"{len(manifest['skipped'])} skipped -> {args.out}")

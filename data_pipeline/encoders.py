@@ -1,15 +1,20 @@
 """Pluggable encoders: pixels -> latents (and back), captions -> embeddings.
 
-A real run plugs in its VAE and T5 through ``module.path:factory`` names (config keys
-``data.latent_encoder`` / ``data.text_encoder``, or the ``build_shards`` flags); the factory
-loads weights from a local path the user supplies. The built-ins need no weights:
-:class:`PatchEncoder` (a fixed average-pool + projection "VAE" with a matching decoder, used by
-tests, the demo and generation) and :class:`~magitrain.data_pipeline.text.HashTextEmbedder`.
+Names (config keys ``data.latent_encoder`` / ``data.text_encoder``, the ``build_shards`` flags and
+``generate --decoder``) select one of the built-ins or a user's ``module.path:factory``:
+
+* ``patch``: :class:`PatchEncoder`, a fixed average-pool + projection "VAE" with a matching decoder
+  (tests, the demo); ``hash``: :class:`~magitrain.data_pipeline.text.HashTextEmbedder`. No weights.
+* ``magi1-vae`` / ``magi1-vae-tiled``: MAGI-1's own VAE (:mod:`magi1_vae`) from the local folder given as
+  the weights (MAGI-1's ``vae`` download), untiled or tiled as MAGI-1's pipeline tiles. Latents are
+  ``encode(x) * 0.18215``, what MAGI-1's DiT sees; decode divides by it.
+* ``t5``: MAGI-1's T5 caption path (:mod:`t5_text`) from the local folder given as the weights.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Protocol
 
 import torch
@@ -70,8 +75,46 @@ class PatchEncoder:
         return ((rgb + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
 
 
-BUILTIN_LATENT = ("patch",)  # names, not module paths
-BUILTIN_TEXT = ("hash",)
+class MagiVAELatents:
+    """:class:`LatentEncoder` over MAGI-1's VAE, with MAGI-1's pipeline conventions around it.
+
+    encode: uint8 ``[T, H, W, 3]`` -> ``u8 / 127.5 - 1`` -> ``MagiVAE.encode`` -> ``* scale_factor`` ->
+    float32 ``[16, T // 4, H // 8, W // 8]`` (MAGI-1's frame rules: trailing ``T mod 4`` frames dropped, an
+    image gives one latent frame). decode: ``/ scale_factor`` -> ``MagiVAE.decode`` -> ``x * 127.5 + 127.5``,
+    clamped, truncated to uint8 (as MAGI-1's ``VaeHelper.decode``). Runs on ``cuda:LOCAL_RANK`` in bf16 when
+    a GPU is there (MAGI-1's setting), else on the CPU in fp32.
+    """
+
+    def __init__(self, folder: str, tiled: bool = False, device: str | None = None, dtype: torch.dtype | None = None):
+        from magitrain.data_pipeline.magi1_vae import MagiVAE
+
+        if device is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+        if dtype is None:
+            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        self.vae = MagiVAE.from_pretrained(folder, dtype=dtype, device=device)
+        self.tiled, self.device = tiled, device
+        self.channels = self.vae.z_channels
+        self.temporal_factor, self.spatial_factor = self.vae.temporal_factor, self.vae.spatial_factor
+        self.scale_factor = self.vae.scale_factor
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != torch.uint8:
+            raise ValueError(f"magi1-vae encode wants uint8 [T, H, W, 3], got {video.dtype} {list(video.shape)}")
+        x = video.permute(3, 0, 1, 2)[None].to(self.device).float() / 127.5 - 1.0
+        return (self.vae.encode(x, tiled=self.tiled).float() * self.scale_factor)[0].cpu()
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        if latent.ndim != 4 or latent.shape[0] != self.channels:
+            raise ValueError(f"magi1-vae decode wants [{self.channels}, T', H', W'], got {list(latent.shape)}")
+        z = latent[None].to(self.device).float() / self.scale_factor
+        x = self.vae.decode(z, tiled=self.tiled).float()[0]
+        return (x * 127.5 + 127.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu().contiguous()
+
+
+MAGI1_VAE = {"magi1-vae": False, "magi1-vae-tiled": True}  # name -> tiled
+BUILTIN_LATENT = ("patch", *MAGI1_VAE)  # names, not module paths
+BUILTIN_TEXT = ("hash", "t5")
 
 
 def _load_factory(spec: str):
@@ -84,12 +127,21 @@ def _load_factory(spec: str):
         raise ValueError(f"encoder {spec!r} cannot be loaded: {e}") from None
 
 
-def build_latent_encoder(spec: str, channels: int, weights: str = "") -> LatentEncoder:
-    """``"patch"`` or ``"module:factory"`` called as ``factory(channels=..., weights=...)``."""
+def build_latent_encoder(spec: str, channels: int | None, weights: str = "") -> LatentEncoder:
+    """The latent encoder/decoder named ``spec``: a built-in (``patch``, ``magi1-vae``, ``magi1-vae-tiled``;
+    the MAGI-1 ones load the folder ``weights``) or ``"module:factory"`` called as
+    ``factory(channels=..., weights=...)``. Also what ``generate`` decodes with. ``channels`` (None: the
+    encoder's own) must match what the encoder gives."""
     if spec == "patch":
         return PatchEncoder(channels)
-    enc = _load_factory(spec)(channels=channels, weights=weights)
-    if enc.channels != channels:
+    if spec in MAGI1_VAE:
+        if not weights:
+            raise ValueError(f"latent encoder {spec} needs the MAGI-1 VAE folder (--encoder-weights / "
+                             "data.latent_encoder_weights / --decoder-weights)")
+        enc = MagiVAELatents(weights, tiled=MAGI1_VAE[spec])
+    else:
+        enc = _load_factory(spec)(channels=channels, weights=weights)
+    if channels is not None and enc.channels != channels:
         raise ValueError(f"latent encoder {spec!r} gives {enc.channels} channels, model.in_channels is {channels}")
     return enc
 
@@ -98,4 +150,21 @@ def build_text_encoder(spec: str, dim: int, max_len: int, weights: str = "") -> 
     """``"hash"`` or ``"module:factory"`` called as ``factory(dim=..., max_len=..., weights=...)``."""
     if spec == "hash":
         return HashTextEmbedder(dim, max_len)
+    if spec == "t5":
+        from magitrain.data_pipeline.t5_text import T5TextEncoder
+
+        return T5TextEncoder(weights, dim=dim, max_len=max_len)
     return _load_factory(spec)(dim=dim, max_len=max_len, weights=weights)
+
+
+def latent_factors(spec: str, channels: int, weights: str = "") -> tuple[int, int]:
+    """``(temporal_factor, spatial_factor)`` of the encoder ``spec``, reading only a MAGI-1 VAE's config."""
+    if spec == "patch":
+        return 4, 8
+    if spec in MAGI1_VAE:
+        from magitrain.data_pipeline.magi1_vae import VAEConfig
+
+        cfg = VAEConfig.from_json(os.path.join(weights, "config.json"))
+        return cfg.patch_length, cfg.patch_size
+    enc = build_latent_encoder(spec, channels, weights)
+    return enc.temporal_factor, enc.spatial_factor

@@ -15,7 +15,7 @@ import warnings
 
 from magitrain.data_pipeline.buckets import Geometry, Stage, resolve_stages, stage_index_at
 from magitrain.data_pipeline.dataset import COUNTERS, PackedSequences, StreamSpec, check_bad_fraction
-from magitrain.data_pipeline.encoders import build_latent_encoder
+from magitrain.data_pipeline.encoders import latent_factors
 from magitrain.data_pipeline.shards import check_split, expand_shards, load_manifest_counts
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -31,11 +31,7 @@ def collate(items: list[tuple[Batch, dict]]) -> tuple[Batch, list[dict]]:
 
 def geometry(cfg: Config) -> Geometry:
     m, d = cfg.model, cfg.data
-    if d.latent_encoder == "patch":
-        tf, sf = 4, 8
-    else:  # a custom encoder tells its own compression factors
-        enc = build_latent_encoder(d.latent_encoder, m.in_channels, d.latent_encoder_weights)
-        tf, sf = enc.temporal_factor, enc.spatial_factor
+    tf, sf = latent_factors(d.latent_encoder, m.in_channels, d.latent_encoder_weights)
     return Geometry(m.t_patch_size, m.patch_size, m.chunk_frames, m.in_channels, tf, sf)
 
 

@@ -118,9 +118,9 @@ class DataConfig:
     buckets: list = field(default_factory=list)
     image_ratio: float = 0.0  # probability a video sample is used as a one-frame image
     manifest: str = ""  # '' : manifest.json next to local shards, when present (expected sample counts)
-    latent_encoder: str = "patch"  # for raw-media shards: patch | module.path:factory (factory(channels, weights))
-    latent_encoder_weights: str = ""  # local weights file handed to a custom latent encoder factory
-    text_encoder: str = "hash"  # captions without text_emb.npy: hash | module.path:factory (factory(dim, max_len, weights))
+    latent_encoder: str = "patch"  # for raw-media shards: patch | magi1-vae[-tiled] | module.path:factory (factory(channels, weights))
+    latent_encoder_weights: str = ""  # local weights: MAGI-1's VAE folder for magi1-vae, or a custom factory's
+    text_encoder: str = "hash"  # captions without text_emb.npy: hash | t5 | module.path:factory (factory(dim, max_len, weights))
     text_encoder_weights: str = ""
     pack_bins: int = 4  # open bins of the streaming first-fit packer (more: less padding, more latency)
     bad_check_after: int = 20  # data.max_bad_fraction is enforced once this many samples were read
