@@ -40,6 +40,7 @@ the result equals the one-process sampler up to float summation order (tests:
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -558,3 +559,103 @@ def overlap_summary(times: CommTimes) -> dict:
 
 
 __all__ = ["ParallelChunkSampler", "ShardedKVCache", "build_plan", "sample_video", "overlap_summary"]
+
+
+# --- the generation layout and its weights (the CLI under torchrun) ---------------------------
+
+
+def generation_config(cfg, overrides: list[str], world: int):
+    """The checkpoint's config with the generation job's layout: ``parallel`` reset to its defaults
+    (the training layout is not the generation's; any saved layout loads), then the ``parallel.*``
+    dotlist overrides (``parallel.tp=2``), checked for this job of ``world`` processes. Only
+    ``parallel.*`` keys: the model is the checkpoint's."""
+    import dataclasses
+
+    from magitrain.config import ParallelConfig
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from magitrain.config import ConfigError
+    from magitrain.parallel.mesh import validate_layout
+
+    bad = [o for o in overrides if "=" not in o or not o.startswith("parallel.")]
+    if bad:
+        raise ConfigError(f"generation takes parallel.* overrides only (key=value), got: {' '.join(bad)}")
+    try:
+        base = dataclasses.replace(cfg, parallel=ParallelConfig())
+        merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.from_dotlist(list(overrides)))
+        out = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(" ".join(str(e).split())) from None
+    p = out.parallel
+    if p.dp != 1:
+        raise ConfigError(f"parallel.dp={p.dp}: generation runs one video on tp x cp ranks (set parallel.dp=1)")
+    # the training check of data.seq_tokens >= cp x cp_chunk_size does not apply: the sampler picks its own
+    out.data.seq_tokens = max(out.data.seq_tokens, p.cp * p.cp_chunk_size)
+    validate_layout(out, world)
+    return out
+
+
+def load_sharded_weights(model: nn.Module, src) -> None:
+    """Fill ``model`` (TP-sharded or not) from a :class:`~magitrain.weights.WeightSource` of any
+    layout. A DCP checkpoint is read by DCP into the current shards (each rank reads only the
+    byte ranges of its own shards: a reshard, no export, no full copy); a release or legacy
+    file is read tensor by tensor and each rank keeps its shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from magitrain.weights import DCPSource, WeightsError, check_keys
+
+    params = model.state_dict(keep_vars=True)
+    check_keys({k: tuple(v.shape) for k, v in params.items()}, {k: v.shape for k, v in src.info.items()}, src.path)
+    if isinstance(src, DCPSource) and dist.is_initialized():
+        import torch.distributed.checkpoint as dcp
+
+        from magitrain.checkpoint import SafeFileSystemReader, SafeLoadPlanner
+        from magitrain.parallel import collectives
+
+        keys = src._keys  # name -> DCP key of the chosen weights (EMA or raw)
+        # DCP copies each stored piece into the target shard (converting dtype), reading only what it needs
+        targets = {keys[name]: p.detach() for name, p in params.items()}
+        try:
+            dcp.load(targets, storage_reader=SafeFileSystemReader(os.path.join(src.path, "tensors")),
+                     planner=SafeLoadPlanner(), process_group=collectives.cpu_group())
+        except Exception as e:  # noqa: BLE001 - DCP wraps I/O errors per rank
+            raise WeightsError(f"{src.path}: cannot be loaded into this layout ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:300]})") from None
+        return
+    with torch.no_grad():
+        for name, full in src.items():
+            p = params[name]
+            if isinstance(p, DTensor):
+                shard = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                p.to_local().copy_(shard.to_local())
+            else:
+                p.copy_(full)
+
+
+def load_parallel_model(ckpt: str, overrides: list[str], prefer_ema: bool = True, expected=None):
+    """``(config, model, env)`` for a generation job under torchrun: starts the process groups of
+    the ``parallel.*`` layout, builds the model (TP-sharded), loads the checkpoint into it."""
+    from dataclasses import fields
+
+    from magitrain.config import ModelConfig
+    from magitrain.model import MagiDiT
+    from magitrain.parallel.mesh import init_parallel
+    from magitrain.parallel.tensor_parallel import apply_tensor_parallel
+    from magitrain.weights import open_weights
+
+    src = open_weights(ckpt, ema=None if prefer_ema else False)
+    src.check_against_config()
+    cfg = generation_config(src.config, overrides, int(os.environ.get("WORLD_SIZE", 1)))
+    if expected is not None:
+        diff = [f"{f.name}={getattr(cfg.model, f.name)!r} (expected {getattr(expected, f.name)!r})"
+                for f in fields(ModelConfig) if getattr(cfg.model, f.name) != getattr(expected, f.name)]
+        if diff:
+            raise ValueError(f"checkpoint {ckpt} was trained with a different model config: {', '.join(diff)}")
+    env = init_parallel(cfg)
+    model = MagiDiT(cfg.model).to(env.device)
+    if env.tp > 1:
+        apply_tensor_parallel(model, env.submesh("tp"))
+    load_sharded_weights(model, src)
+    return cfg, model.eval(), env

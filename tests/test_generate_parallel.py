@@ -160,3 +160,54 @@ def test_one_rank_fused_batched_sampler_equals_one_process(references, case):
         assert _rel(sampler.generate(), references[i][0]) < RTOL, fuse
     ticks = sampler.evaluations // sc.passes
     assert sampler.forwards == ticks + sampler.cache.chunks_written  # unfused: one forward per write
+
+
+# --- the CLI under torchrun: a checkpoint of another layout, loaded without export -------------
+
+def _train_worker(rank, world, port, run_root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from conftest import tiny_config
+    from magitrain.train import train
+
+    train(tiny_config(run_root, "train.steps=1", "ckpt.every=1", "parallel.dp=2", "parallel.tp=2",
+                      "data.batch_size=2", "parallel.cp_chunk_size=16"))
+
+
+def _generate_worker(rank, world, port, argv):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from magitrain.generate import main
+
+    assert main(argv) == 0
+
+
+GEN_ARGS = ["--prompt", "a red disk moving right", "--prompt-schedule", None, "--chunks", "4", "--steps", "4",
+            "--window", "2", "--cfg-scale", "2", "--max-context", "2", "--quiet"]
+
+
+@pytest.mark.slow
+def test_cli_loads_dp2_tp2_checkpoint_into_cp2_run(tmp_path):
+    """Train one step at dp=2 x tp=2 (sharded DCP checkpoint), generate from it under torchrun-style
+    env at cp=2 and at tp=2 x cp=2 (resharded on load, no export): the latents equal the one-process
+    CLI's (which reads the same checkpoint unsharded); rank 0 alone writes the mp4."""
+    import numpy as np
+
+    from magitrain.generate import main
+
+    root = str(tmp_path / "train")
+    mp.spawn(_train_worker, args=(4, _free_port(), root), nprocs=4)
+    run_dir = os.path.join(root, "run")
+    schedule = tmp_path / "prompts.txt"
+    schedule.write_text("2: a blue square moving left\n")
+    args = ["--ckpt", run_dir] + [str(schedule) if a is None else a for a in GEN_ARGS]
+    assert main(args + ["--out", str(tmp_path / "one.mp4")]) == 0
+    ref = np.load(tmp_path / "one.npy")
+    for name, world, layout in (("cp2", 2, ["parallel.cp=2"]), ("tp2cp2", 4, ["parallel.cp=2", "parallel.tp=2"])):
+        out = tmp_path / f"{name}.mp4"
+        mp.spawn(_generate_worker, args=(world, _free_port(), args + ["--out", str(out)] + layout), nprocs=world)
+        got = np.load(tmp_path / f"{name}.npy")
+        assert out.stat().st_size > 0
+        assert float(np.abs(got - ref).max() / np.abs(ref).max()) < RTOL, name
