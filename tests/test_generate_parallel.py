@@ -77,6 +77,8 @@ def _worker(rank, world, port, out_dir, layouts, cases):
             key = f"{dp}{cp}{tp}_{i}"
             results[key] = out
             results[key + "_cache"] = torch.tensor([sampler.cache.nbytes(), sampler.cache.num_chunks])
+    if len(cases) > 1:  # slow run: validation's entry point on a model parallelized for training
+        results["train_layout"] = _sample_on_training_layout(cases[0])
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -85,6 +87,35 @@ def _spawn(tmp_path_factory, layouts, cases):
     out = str(tmp_path_factory.mktemp("gen_parallel"))
     mp.spawn(_worker, args=(4, _free_port(), out, layouts, cases), nprocs=4)
     return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(4)]
+
+
+def _sample_on_training_layout(case):
+    """``sample_video`` with a model that ``parallelize_model`` prepared for training at dp=2 x tp=2
+    (FSDP2 over dp, TP, no CP) and at cp=2 x tp=2 (FSDP2 over cp, CP attention installed)."""
+    import dataclasses
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from magitrain.config import Config, ModelConfig, ParallelConfig
+    from magitrain.parallel.mesh import ParallelEnv
+    from magitrain.parallel.parallelize import parallelize_model
+    from magitrain.parallel_generate import sample_video
+    from test_generate import TINY
+
+    import torch.distributed as dist
+
+    outs = []
+    for dp, cp, tp in ((2, 1, 2), (1, 2, 2)):
+        cfg = Config(model=ModelConfig(**TINY), parallel=ParallelConfig(dp=dp, cp=cp, tp=tp, cp_chunk_size=4))
+        mesh = init_device_mesh("cpu", (dp, cp, tp), mesh_dim_names=("dp", "cp", "tp"))
+        mesh["dp", "cp"]._flatten("dp_cp")
+        env = ParallelEnv(dist.get_rank(), 4, 0, torch.device("cpu"), dp, cp, tp, mesh)
+        model = parallelize_model(make_model(), env, cfg).train()
+        forward = model.__dict__.get("forward")
+        emb, mask, sc, prefix = _inputs(case)
+        outs.append(sample_video(model, emb, mask, H, W, dataclasses.replace(sc), prefix, env, cfg.parallel))
+        assert model.training and model.__dict__.get("forward") is forward  # restored for training
+    return torch.stack(outs)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +163,15 @@ def test_parallel_generation_equals_one_process(runs, references, layout):
 def test_every_layout_and_window_equals_one_process(all_runs, references, layout):
     """tp=2, cp=2, 2x2 and cp=4, windows 1, 2, 4 (with switches, prefixes, sliding contexts, 1-3 passes)."""
     _check_equal(all_runs, references, layout, CASES)
+
+
+@pytest.mark.slow
+def test_validation_samples_on_the_training_layout(all_runs, references):
+    """``sample_video`` (what validation calls) on models parallelized for training, FSDP2 included:
+    dp=2 x tp=2 and cp=2 x tp=2, every rank the one-process video."""
+    for rank in range(4):
+        for got in all_runs[rank]["train_layout"]:
+            assert _rel(got, references[0][0]) < RTOL, rank
 
 
 @pytest.mark.parametrize("layout", FAST[0], ids=lambda lay: "dp{}_cp{}_tp{}".format(*lay))
