@@ -5,7 +5,7 @@ vs window size; plus peak tensor memory vs video length with and without sliding
 fused K/V writes and the staged remote-K/V fetch hide.
 
     python benchmarks/generate.py [--chunks 8] [--steps 16]
-    python benchmarks/generate.py --only latency [--chunks 8] [--steps 8] [--repeats 3]
+    python benchmarks/generate.py --only latency [--chunks 8] [--steps 16] [--repeats 3]
 
 The model is the tiny config's (configs/tiny.yaml, random weights: speed does not depend on
 them), latent 8x8, fp32, one thread, on CPU. "no cache" is the reference the exactness tests use:

@@ -251,3 +251,27 @@ def test_cli_loads_dp2_tp2_checkpoint_into_cp2_run(tmp_path):
         got = np.load(tmp_path / f"{name}.npy")
         assert out.stat().st_size > 0
         assert float(np.abs(got - ref).max() / np.abs(ref).max()) < RTOL, name
+
+
+from test_generate import random_ckpt  # noqa: E402,F401 - the module-scoped checkpoint fixture
+
+
+def test_cli_overrides_one_process_and_bad_layouts(random_ckpt, tmp_path, capsys):  # noqa: F811
+    """``parallel.*`` overrides without torchrun: a 1x1x1 layout runs the parallel sampler (same
+    latents as the plain CLI); a layout bigger than the job, dp > 1 or a non-parallel key: exit 2."""
+    import numpy as np
+
+    from magitrain.generate import main
+
+    args = ["--ckpt", random_ckpt, "--prompt", "a red disk", "--chunks", "3", "--steps", "2", "--window", "2",
+            "--cfg-scale", "2", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "a.mp4")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b.mp4"), "parallel.cp=1", "parallel.cp_chunk_size=4"]) == 0
+    a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
+    assert float(np.abs(a - b).max() / np.abs(a).max()) < RTOL
+    capsys.readouterr()
+    for bad, says in ((["parallel.tp=2"], "processes"), (["parallel.dp=2"], "parallel.dp=2"),
+                      (["model.num_layers=3"], "parallel.* overrides only")):
+        assert main(args + ["--out", str(tmp_path / "c.mp4")] + bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and "Traceback" not in err, err
