@@ -24,10 +24,11 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from magitrain.config import load_config  # noqa: E402
-from magitrain.model import MagiDiT  # noqa: E402
-from magitrain.sampler import ChunkSampler, SamplerConfig  # noqa: E402
-import test_generate as reference  # noqa: E402  (the cache-free reference sampler)
+import test_generate as reference
+
+from magitrain.config import load_config
+from magitrain.model import MagiDiT
+from magitrain.sampler import ChunkSampler, SamplerConfig
 
 
 def build(cfg_path: str):
@@ -133,9 +134,9 @@ def _latency_worker(rank, world, port, args, out_dir):
     import json
 
     import torch.distributed as dist
+    from magitrain.parallel.tensor_parallel import apply_tensor_parallel
     from torch.distributed.device_mesh import init_device_mesh
 
-    from magitrain.parallel.tensor_parallel import apply_tensor_parallel
     from magitrain.parallel_generate import ParallelChunkSampler
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
@@ -211,7 +212,7 @@ def latency_table(args) -> None:
         seen.append(key)
         same = [x for x in rows if (x["world"], x["cp"], x["tp"], x["variant"]) == key]
 
-        def fmt(k, nd=3):
+        def fmt(k, nd=3, same=same):
             v = [x[k] for x in same]
             return f"{statistics.median(v):.{nd}f} [{min(v):.{nd}f}-{max(v):.{nd}f}]"
         print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {fmt('first')} | {fmt('steady')} | "

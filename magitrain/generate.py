@@ -16,6 +16,12 @@ Prompt schedule file: ``.json`` ``{"0": "a red square ...", "4": "emb.npy"}`` or
 is a precomputed caption embedding ``[L, D]`` (valid rows only, as in shards), relative to the
 schedule file. ``--chunks`` is the whole video's length in chunks, prefix included.
 
+Many ranks (a model too big for one GPU): ``torchrun --nproc_per_node 4 -m magitrain.generate --ckpt RUN
+... parallel.tp=2 parallel.cp=2`` (``parallel.*`` dotlist overrides as in training; dp must be 1) loads
+the checkpoint, of any training layout, into the TP shards and samples with
+:class:`~magitrain.parallel_generate.ParallelChunkSampler` (heads over tp, window and KV cache over cp);
+every rank samples the same video, rank 0 writes the outputs.
+
 ``--contact-sheet PATH`` also writes a PNG with one row per chunk (its frames left to right), to look
 at without a video player. Whether a video follows its caption is scored by :mod:`magitrain.caption_score`
 (the demo's check).

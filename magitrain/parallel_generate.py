@@ -42,8 +42,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -74,12 +74,12 @@ class ShardedKVCache:
     every layer of one forward sees the same cache. ``max_chunks`` drops the oldest chunk.
     """
 
-    def __init__(self, num_layers: int, cp: int, max_chunks: Optional[int] = None):
+    def __init__(self, num_layers: int, cp: int, max_chunks: int | None = None):
         self.num_layers, self.cp, self.max_chunks = num_layers, cp, max_chunks
         self._k: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self._v: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
-        self._seg: list[Optional[tuple[int, torch.Tensor, torch.Tensor]]] = [None] * num_layers
-        self._staged: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * num_layers
+        self._seg: list[tuple[int, torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self._staged: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.lengths: list[tuple[int, ...]] = []
         self.chunks_written = 0
 
@@ -158,7 +158,7 @@ def _ceil_to(n: int, m: int) -> int:
 
 def build_plan(window_slices: AttnSlices, write_tokens: int, context_slices, seg_lengths: tuple[int, ...],
                cp: int, rank: int, chunk_size: int, solver: str, overlap_stages: int,
-               solved: Optional[dict] = None) -> InferencePlan:
+               solved: dict | None = None) -> InferencePlan:
     """The plan of one forward.
 
     The real window sequence is ``[written chunk (write_tokens, may be 0) | passes]``;
@@ -267,7 +267,7 @@ class _ForwardState:
 
     def __init__(self, cache: ShardedKVCache, group, overlap: bool):
         self.cache, self.group, self.overlap = cache, group, overlap
-        self.plan: Optional[InferencePlan] = None
+        self.plan: InferencePlan | None = None
         self.times = CommTimes()
 
 
@@ -370,7 +370,7 @@ class ParallelChunkSampler(ChunkSampler):
     """
 
     def __init__(self, model, text_emb, text_mask, height: int, width: int, cfg: SamplerConfig,
-                 prefix: Optional[torch.Tensor] = None, cp_group=None, chunk_size: int = 16,
+                 prefix: torch.Tensor | None = None, cp_group=None, chunk_size: int = 16,
                  solver: str = "default", overlap_stages: int = 1, fuse_writes: bool = True, overlap: bool = True):
         if not cfg.kv_cache:
             raise ValueError("the parallel sampler always caches K/V (kv_cache=False is a one-process check)")
@@ -384,7 +384,7 @@ class ParallelChunkSampler(ChunkSampler):
         self.solver, self.overlap_stages, self.fuse_writes = solver, overlap_stages, fuse_writes
         self.cache = ShardedKVCache(model.cfg.num_layers, self.cp, cfg.max_context_chunks)
         self.state = _ForwardState(self.cache, cp_group, overlap)
-        self._pending: Optional[tuple[int, torch.Tensor]] = None
+        self._pending: tuple[int, torch.Tensor] | None = None
         self._plans: dict = {}  # window shape and cache row counts -> InferencePlan (LRU of 8)
         self._solved: dict = {}  # the passes' mask -> the solver's DispatchPlan
         self.forwards = 0
@@ -425,7 +425,7 @@ class ParallelChunkSampler(ChunkSampler):
 
     # --- one forward ------------------------------------------------------------------------
 
-    def _run(self, idx, x, t, step) -> Optional[torch.Tensor]:
+    def _run(self, idx, x, t, step) -> torch.Tensor | None:
         """One forward of ``[pending written chunk | guidance passes of the window]``; returns the
         passes' velocity ``[passes * window tokens, ...]`` (None for a write-only forward)."""
         write, self._pending = self._pending, None
@@ -530,7 +530,7 @@ class ParallelChunkSampler(ChunkSampler):
 
 
 def sample_video(model, text_emb, text_mask, height: int, width: int, cfg: SamplerConfig,
-                 prefix: Optional[torch.Tensor] = None, env=None, parallel=None) -> torch.Tensor:
+                 prefix: torch.Tensor | None = None, env=None, parallel=None) -> torch.Tensor:
     """The whole video's latent ``[C, T, height, width]`` sampled with ``model`` on its current layout.
 
     ``model``: as the trainer holds it (tensor-parallel, FSDP-wrapped, with CP attention
@@ -558,7 +558,7 @@ def overlap_summary(times: CommTimes) -> dict:
             "received_mib": round(times.bytes_received / 2**20, 3)}
 
 
-__all__ = ["ParallelChunkSampler", "ShardedKVCache", "build_plan", "sample_video", "overlap_summary"]
+__all__ = ["ParallelChunkSampler", "ShardedKVCache", "build_plan", "overlap_summary", "sample_video"]
 
 
 # --- the generation layout and its weights (the CLI under torchrun) ---------------------------
@@ -571,12 +571,10 @@ def generation_config(cfg, overrides: list[str], world: int):
     ``parallel.*`` keys: the model is the checkpoint's."""
     import dataclasses
 
-    from magitrain.config import ParallelConfig
-
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from magitrain.config import ConfigError
+    from magitrain.config import ConfigError, ParallelConfig
     from magitrain.parallel.mesh import validate_layout
 
     bad = [o for o in overrides if "=" not in o or not o.startswith("parallel.")]
@@ -647,7 +645,7 @@ def load_parallel_model(ckpt: str, overrides: list[str], prefer_ema: bool = True
 
     src = open_weights(ckpt, ema=None if prefer_ema else False)
     src.check_against_config()
-    cfg = generation_config(src.config, overrides, int(os.environ.get("WORLD_SIZE", 1)))
+    cfg = generation_config(src.config, overrides, int(os.environ.get("WORLD_SIZE", "1")))
     if expected is not None:
         diff = [f"{f.name}={getattr(cfg.model, f.name)!r} (expected {getattr(expected, f.name)!r})"
                 for f in fields(ModelConfig) if getattr(cfg.model, f.name) != getattr(expected, f.name)]
