@@ -274,3 +274,19 @@ def test_cli_overrides_one_process_and_bad_layouts(random_ckpt, tmp_path, capsys
         assert main(args + ["--out", str(tmp_path / "c.mp4")] + bad) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("variant", ["heun", "distilled"])
+def test_one_rank_heun_and_distilled_equal_one_process(variant):
+    """Heun (two evaluations per step, the write fused into the first) and a step-size conditioned
+    model (one pass, the written chunk told step 0) through the parallel sampler's forward."""
+    from magitrain.parallel_generate import ParallelChunkSampler
+
+    if variant == "heun":
+        model, sc = make_model(), SamplerConfig(steps=4, window=2, solver="heun", cfg_scale=2.0)
+    else:
+        model = make_model(step_size_conditioning=True, step_size_embedder="zero_init")
+        sc = SamplerConfig(steps=4, window=2)
+    emb, mask = make_text(4, switches=(2,))
+    ref = ChunkSampler(model, emb, mask, H, W, sc).generate()
+    assert _rel(ParallelChunkSampler(model, emb, mask, H, W, sc, chunk_size=3).generate(), ref) < RTOL
