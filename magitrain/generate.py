@@ -16,6 +16,12 @@ Prompt schedule file: ``.json`` ``{"0": "a red square ...", "4": "emb.npy"}`` or
 is a precomputed caption embedding ``[L, D]`` (valid rows only, as in shards), relative to the
 schedule file. ``--chunks`` is the whole video's length in chunks, prefix included.
 
+Many ranks (a model too big for one GPU): ``torchrun --nproc_per_node 4 -m magitrain.generate --ckpt RUN
+... parallel.tp=2 parallel.cp=2`` (``parallel.*`` dotlist overrides as in training; dp must be 1) loads
+the checkpoint, of any training layout, into the TP shards and samples with
+:class:`~magitrain.parallel_generate.ParallelChunkSampler` (heads over tp, window and KV cache over cp);
+every rank samples the same video, rank 0 writes the outputs.
+
 ``--contact-sheet PATH`` also writes a PNG with one row per chunk (its frames left to right), to look
 at without a video player. Whether a video follows its caption is scored by :mod:`magitrain.caption_score`
 (the demo's check).
@@ -37,6 +43,7 @@ from magitrain.config import Config, ConfigError, ModelConfig, load_config
 from magitrain.checkpoint import CheckpointError
 from magitrain.data_pipeline.encoders import BUILTIN_LATENT, BUILTIN_TEXT, build_latent_encoder, build_text_encoder
 from magitrain.model import MagiDiT
+from magitrain.parallel.mesh import launched
 from magitrain.sampler import SOLVERS, ChunkSampler, SamplerConfig
 
 # --- model and conditions ---------------------------------------------------------------------
@@ -215,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-cache", action="store_true",
                    help="re-encode the finished context at every evaluation instead of caching its K/V (a check)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="parallel.* dotlist overrides under torchrun, as in training: "
+                   "parallel.tp=2 parallel.cp=2 (dp must be 1; parallel.cp_chunk_size, cp_solver, overlap_stages)")
     return p
 
 
@@ -258,7 +267,14 @@ def run(args: argparse.Namespace) -> dict:
 
     check_args(args)
     expected = load_config(args.config).model if args.config else None
-    cfg, model = load_model(args.ckpt, prefer_ema=not args.no_ema, expected=expected, device=args.device)
+    env = None
+    if args.overrides or launched():  # torchrun: the parallel.* layout, weights loaded into its shards
+        from magitrain.parallel_generate import load_parallel_model
+
+        cfg, model, env = load_parallel_model(args.ckpt, args.overrides, prefer_ema=not args.no_ema,
+                                              expected=expected)
+    else:
+        cfg, model = load_model(args.ckpt, prefer_ema=not args.no_ema, expected=expected, device=args.device)
     m, d = cfg.model, cfg.data
     height = args.height if args.height is not None else d.height
     width = args.width if args.width is not None else d.width
@@ -282,7 +298,19 @@ def run(args: argparse.Namespace) -> dict:
                                 cfg_scale=args.cfg_scale, history_scale=args.history_scale,
                                 clean_t=cfg.diffusion.clean_t, max_context_chunks=args.max_context, seed=args.seed,
                                 kv_cache=not args.no_kv_cache)
-    sampler = ChunkSampler(model, emb, mask, height, width, sampler_cfg, prefix)
+    if env is None:
+        sampler = ChunkSampler(model, emb, mask, height, width, sampler_cfg, prefix)
+    else:
+        from magitrain.parallel_generate import ParallelChunkSampler
+
+        p = cfg.parallel
+        sampler = ParallelChunkSampler(model, emb, mask, height, width, sampler_cfg, prefix,
+                                       cp_group=env.group("cp") if env.cp > 1 else None, chunk_size=p.cp_chunk_size,
+                                       solver=p.cp_solver, overlap_stages=p.overlap_stages)
+    if env is not None and not env.is_main:  # every rank samples; rank 0 writes
+        for _ in sampler.stream():
+            pass
+        return {"video": args.out, "chunks": args.chunks, "evaluations": sampler.evaluations, "writer": False}
 
     chunk_frames = m.chunk_frames * m.t_patch_size
     latents_path = os.path.splitext(args.out)[0] + ".npy"
@@ -318,6 +346,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, ConfigError, CheckpointError, OSError) as e:  # WeightsError is a ValueError
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized() and launched():
+            dist.destroy_process_group()
+    if not summary.get("writer", True):
+        return 0
     print(f"wrote {summary['video']} ({summary['frames']} frames, {summary['chunks']} chunks) "
           f"and {summary['latents']}" + (f"; contact sheet {summary['contact_sheet']}" if "contact_sheet" in summary
                                          else ""))
