@@ -649,7 +649,7 @@ def _run_lengths(per_rank: int) -> list[int]:
 
 
 def _structured(p: ChunkCosts, tolerance: float = 1.05, slack: float = 0.01, rounds: int = 2,
-                max_cells: float = 6e7, coarse_above: int = 128) -> list[list[int]]:
+                max_cells: float = 3e7, coarse_above: int = 128) -> list[list[int]]:
     """Least total remote KV under a hard balance cap, using the mask's structure.
 
     The cap is :func:`balance_cap` (``max(tolerance, area_greedy + slack)``). Starts: the
@@ -688,6 +688,51 @@ def _structured(p: ChunkCosts, tolerance: float = 1.05, slack: float = 0.01, rou
         if area.max() <= cap and key < best_key:
             best, best_key = owner, key
     return _ranks_of(best, cp)
+
+
+def remote_kv_lower_bound(p: ChunkCosts, max_over_mean_area: float | None = None) -> int:
+    """A lower bound on the total remote KV of ANY plan whose balance is at most
+    ``max_over_mean_area`` (default: :func:`balance_cap`), from two relaxations (the larger wins):
+
+    - **demand**: a rank holding chunk ``c`` fetches at least ``|need(c)| - k * chunk_size``
+      tokens (it holds only ``k`` chunks). Sorting these values, the j-th largest per-rank
+      maximum is at least the value at ``j * k`` (the ranks' chunk sets are disjoint). And each
+      rank's area is at least ``total - (cp - 1) * cap``, which the ``k`` largest-area chunks
+      needing at most ``u`` tokens reach only from some ``u`` on: every rank fetches at least
+      ``u - k * chunk_size``.
+    - **left/right edge**: a rank's lowest chunk ``m`` needs ``left(m)`` tokens before
+      ``m``'s start, which the rank cannot hold (and likewise after its highest chunk). The
+      ranks' lowest chunks are distinct and lie in ``[0, n - k]``: the ``cp`` smallest
+      ``left`` values there bound the sum (same for ``right``).
+    """
+    n, cp, k, cs = p.num_chunks, p.cp, p.per_rank, p.chunk_size
+    need_len = p.need.astype(np.int64) @ p.seg_len
+    hold = k * cs
+    demand = np.sort(np.maximum(0, need_len - hold))[::-1]
+    ratio = balance_cap(p) if max_over_mean_area is None else max_over_mean_area
+    total = float(p.areas.sum())
+    least_area = total - (cp - 1) * ratio * total / cp
+    floor = 0
+    if least_area > 0:
+        order = np.argsort(need_len, kind="stable")
+        top: list[int] = []
+        top_sum = 0
+        for c in order:
+            heapq.heappush(top, int(p.areas[c]))
+            top_sum += int(p.areas[c])
+            if len(top) > k:
+                top_sum -= heapq.heappop(top)
+            if top_sum >= least_area:
+                floor = max(0, int(need_len[c]) - hold)
+                break
+    by_demand = int(sum(max(int(demand[j * k]), floor) for j in range(cp)))
+    seg_start = np.concatenate([[0], np.cumsum(p.seg_len)[:-1]])
+    chunk_start = np.arange(n) * cs
+    left = np.array([int(p.seg_len[p.need[c] & (seg_start < chunk_start[c])].sum()) for c in range(n)])
+    right = np.array([int(p.seg_len[p.need[c] & (seg_start >= chunk_start[c] + cs)].sum()) for c in range(n)])
+    by_left = int(np.sort(left[: n - k + 1])[:cp].sum())
+    by_right = int(np.sort(right[k - 1:])[:cp].sum())
+    return max(by_demand, by_left, by_right)
 
 
 SOLVERS = {
