@@ -99,3 +99,13 @@ def test_fit_recovers_the_compute_figures():
 def test_h100_prediction_per_rank():
     out = predict(solve(MASK, 2, 32), MASK, 2, 16, 8, 128, H100_IB)
     assert len(out) == 2 and all(r["total"] > 0 for r in out)
+
+
+def test_thread_cpu_clock_adds_the_wait_instead_of_sleeping():
+    link = comm.EmulatedLink(bandwidth=1.0, latency=0.0, clock="thread_cpu")
+    t0 = link.now()
+    done = link.schedule(5)  # 5 s on this clock
+    w0 = time.perf_counter()
+    comm.Pending(None, torch.zeros(1), done_at=done, link=link).wait()
+    assert time.perf_counter() - w0 < 0.5  # no real sleep
+    assert link.now() - t0 >= 5.0
