@@ -10,6 +10,7 @@ goes through ``torch.save`` / ``torch.load(weights_only=True)`` and DCP.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 
@@ -21,12 +22,18 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from magitrain.batch import Batch
 from magitrain.config import Config, ConfigError
+from magitrain.parallel.solve_ahead import AheadSpec, solve_for_batch
 
 log = logging.getLogger("magitrain.data")
 
 
-def collate(items: list[tuple[Batch, dict]]) -> tuple[Batch, list[dict]]:
-    return Batch.concat([b for b, _ in items]), [info for _, info in items]
+def collate(items: list[tuple[Batch, dict]], ahead: AheadSpec | None = None) -> tuple[Batch, list[dict]]:
+    """One DP rank's batch; with ``ahead``, its CP dispatch is solved here, in the loader worker
+    (solve-ahead, :mod:`magitrain.parallel.solve_ahead`), off the step's critical path."""
+    batch = Batch.concat([b for b, _ in items])
+    if ahead is not None:
+        batch.dispatch = solve_for_batch(batch.layout.self_attn_slices(), ahead)
+    return batch, [info for _, info in items]
 
 
 def geometry(cfg: Config) -> Geometry:
@@ -64,6 +71,7 @@ class WebDatasetSource:
         self._done = {k: 0 for k in COUNTERS}  # counters of finished stages
         self._workers: dict[str, dict] = {}  # latest counters per worker of the current stage
         self._last_padding = 0.0
+        self.solve_ahead: AheadSpec | None = None  # set before the first batch: plans solved in the loader
 
     # -- loader lifecycle ------------------------------------------------------------------------
     def _spec(self, stage: Stage) -> StreamSpec:
@@ -84,7 +92,8 @@ class WebDatasetSource:
         with warnings.catch_warnings():  # torchdata 0.11 calls the deprecated torch.set_vital
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             self._loader = StatefulDataLoader(PackedSequences(self._spec(stage)), batch_size=self.local_batch,
-                                              num_workers=nw, collate_fn=collate,
+                                              num_workers=nw,
+                                              collate_fn=functools.partial(collate, ahead=self.solve_ahead),
                                               multiprocessing_context="fork" if nw > 0 else None)
         if self._pending_state:
             self._loader.load_state_dict(self._pending_state)

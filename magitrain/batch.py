@@ -29,6 +29,9 @@ class Batch:
     - ``sample_ids``: per sample, an id unique within the global batch of the step (e.g. the
       sample's index in the global batch). Diffusion noise is seeded by it, so a sample gets
       the same noise whichever rank holds it. Defaults to ``0..num_samples-1``.
+    - ``dispatch``: the context-parallel dispatch solved ahead for this batch's mask (a
+      :class:`magitrain.parallel.solve_ahead.SolvedDispatch`, set by the loader), or None:
+      the forward then solves it itself. Concatenating batches drops it (a new mask).
     """
 
     latents: torch.Tensor
@@ -37,6 +40,7 @@ class Batch:
     text_mask: torch.Tensor
     captions: list[str] = field(default_factory=list)
     sample_ids: list[int] = field(default_factory=list)
+    dispatch: object = None
 
     def __post_init__(self):
         if not self.sample_ids:
@@ -56,7 +60,7 @@ class Batch:
 
     def to(self, device) -> "Batch":
         return Batch(self.latents.to(device), self.layout, self.text_emb.to(device),
-                     self.text_mask.to(device), self.captions, self.sample_ids)
+                     self.text_mask.to(device), self.captions, self.sample_ids, self.dispatch)
 
     @staticmethod
     def concat(batches: list["Batch"]) -> "Batch":

@@ -136,6 +136,7 @@ class ParallelConfig:
     cpu_offload: bool = False  # deepspeed only
     cp_chunk_size: int = 16  # tokens per dispatch chunk
     cp_solver: str = "default"
+    cp_solve_ahead: bool = True  # dispatch plans solved in the data loader workers (webdataset source)
     overlap_stages: int = 1
     activation_checkpointing: str = "none"  # none | full | every_k
     ac_every: int = 2

@@ -66,7 +66,8 @@ def cp_figures(stats: list) -> dict:
     remote = [sum(s.remote_kv_tokens[r] for s in stats) for r in range(len(stats[0].area))]
     mean = sum(area) / len(area)
     return {"cp_area_per_rank": area, "cp_area_imbalance": max(area) / mean if mean else 1.0,
-            "cp_remote_kv_tokens": remote, "cp_remote_kv_tokens_max": max(remote)}
+            "cp_remote_kv_tokens": remote, "cp_remote_kv_tokens_max": max(remote),
+            "cp_solve_s": sum(getattr(s, "solve_s", 0.0) for s in stats)}
 
 
 @dataclass

@@ -35,7 +35,7 @@ from magitrain.metrics import MetricsLogger, open_wandb
 from magitrain.data_pipeline.dataset import BadDataError
 from magitrain.model import MagiDiT
 from magitrain.parallel import collectives
-from magitrain.parallel.context_parallel import take_plan_stats
+from magitrain.parallel.context_parallel import ahead_spec, offer_dispatch, take_plan_stats
 from magitrain.parallel.deepspeed_engine import EngineModelState, EngineOptimizerState, is_engine, unwrap
 from magitrain.parallel.mesh import ParallelEnv, RankLostError, init_parallel, report_lost_ranks
 from magitrain.parallel.parallelize import attach_optimizer, clip_grad_norm_, parallelize_model
@@ -192,6 +192,7 @@ def train_step(model, micro_batches, cfg: Config, env: ParallelEnv, step: int, o
     loss_sum = 0.0
     for batch, nb in zip(micro_batches, noised):
         batch = batch.to(env.device)
+        offer_dispatch(unwrap(model), batch)  # its CP plan, solved ahead in the loader (if any)
         with autocast:
             pred, target = objective(model, batch, nb, env.device)
         sq, _ = masked_sq_error(pred, target, nb.loss_mask.to(env.device))
@@ -260,6 +261,8 @@ def _train_locked(cfg: Config, env: ParallelEnv) -> dict:
     model, optimizer = attach_optimizer(model, optimizer, env, cfg)  # deepspeed: its engine steps
     ema = EMA(unwrap(model), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     data = build_data_source(cfg, env.dp_rank, env.dp)
+    if cfg.parallel.cp_solve_ahead and hasattr(data, "solve_ahead"):  # CP plans solved in the loader workers
+        data.solve_ahead = ahead_spec(unwrap(model), block_masks=env.device.type == "cuda")
     state = TrainState()
 
     def stateful() -> dict:  # the same on every rank (tensors sharded as the model is)

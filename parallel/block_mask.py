@@ -29,9 +29,22 @@ from .mask import AttnSlices
 
 BLOCK_SIZE = 128  # flex_attention's default sparse block size
 
+_OFFERED: list = []  # [(slices, block_size, counts)], most recent first: counts computed ahead
+_OFFERED_SIZE = 16
+
+
+def offer_block_counts(slices: AttnSlices, counts: torch.Tensor, block_size: int = BLOCK_SIZE) -> None:
+    """Hand over counts computed elsewhere (the loader, see :mod:`magitrain.parallel.solve_ahead`):
+    :func:`block_counts` of an equal mask returns them instead of recomputing."""
+    _OFFERED.insert(0, (slices, block_size, counts))
+    del _OFFERED[_OFFERED_SIZE:]
+
 
 def block_counts(slices: AttnSlices, block_size: int = BLOCK_SIZE) -> torch.Tensor:
     """``[ceil(Nq/B), ceil(Nk/B)]`` int64: allowed (query, key) pairs per block of the mask."""
+    for cached, size, counts in _OFFERED:
+        if size == block_size and (cached is slices or cached == slices):
+            return counts
     b = block_size
     nbq, nbk = -(-slices.total_q // b), -(-slices.total_k // b)
     counts = torch.zeros(nbq, nbk, dtype=torch.int64)

@@ -17,10 +17,20 @@ everywhere), and a stage that moves nothing on any rank is skipped by all of the
 
 Works over any process group: gloo on CPU, NCCL on GPU. Collectives are issued with
 ``async_op=True``; callers get a :class:`Pending` handle and ``wait()`` for the result.
+
+**Emulated link** (:class:`EmulatedLink`, :func:`emulate_link`): on CPU the collectives take
+a few percent of the attention time, so overlap cannot be measured. With a link installed,
+every group-cast / group-reduce of this process takes at least ``bytes / bandwidth +
+latency`` from the moment it is issued: ``wait()`` sleeps away whatever the real transfer
+left of that time (compute done in between counts, as with a real comm stream). ``bytes`` is
+the larger of what the rank sends and receives (a full-duplex link); transfers queue on the
+link in issue order (one uses the bandwidth at a time, latencies overlap). Off by default.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -54,17 +64,94 @@ class StageComm:
         return sum(self.recv_splits)
 
 
-class Pending:
-    """An in-flight collective (``work`` None: nothing to wait for); :meth:`wait` returns its result."""
+class EmulatedLink:
+    """A link of ``bandwidth`` bytes/s and ``latency`` s: a FIFO of transfers (see module doc).
 
-    def __init__(self, work, result: torch.Tensor):
-        self._work, self._result = work, result
+    ``schedule(nbytes)`` books a transfer issued now and returns the time (on :meth:`now`) at
+    which it completes: it starts when the link is free, holds it ``nbytes / bandwidth`` and
+    completes ``latency`` later. ``busy_s`` sums the booked transfer times.
+
+    ``clock``: ``"wall"`` (``time.perf_counter``; waits really sleep) or ``"thread_cpu"``: a
+    dedicated-core clock, the calling thread's CPU time plus the emulated waiting, where a wait
+    adds its remainder to the clock instead of sleeping. On a shared machine the second does not
+    count the time the compute thread is descheduled by other jobs, so overlap measured on it
+    is what a dedicated core would see.
+    """
+
+    def __init__(self, bandwidth: float, latency: float = 0.0, clock: str = "wall"):
+        if not bandwidth > 0 or latency < 0:
+            raise ValueError(f"an emulated link needs bandwidth > 0 and latency >= 0, got {bandwidth}, {latency}")
+        if clock not in ("wall", "thread_cpu"):
+            raise ValueError(f"clock must be 'wall' or 'thread_cpu', got {clock!r}")
+        self.bandwidth, self.latency, self.clock = float(bandwidth), float(latency), clock
+        self.free_at = 0.0
+        self.busy_s = 0.0
+        self.transfers = 0
+        self.waited = 0.0  # thread_cpu clock: emulated waiting so far
+
+    def now(self) -> float:
+        return time.perf_counter() if self.clock == "wall" else time.thread_time() + self.waited
+
+    def wait_until(self, t: float) -> None:
+        left = t - self.now()
+        if left > 0:
+            if self.clock == "wall":
+                time.sleep(left)
+            else:
+                self.waited += left
+
+    def duration(self, nbytes: int) -> float:
+        return nbytes / self.bandwidth + self.latency
+
+    def schedule(self, nbytes: int) -> float:
+        start = max(self.now(), self.free_at)
+        self.free_at = start + nbytes / self.bandwidth
+        self.busy_s += self.duration(nbytes)
+        self.transfers += 1
+        return self.free_at + self.latency
+
+
+_LINK: EmulatedLink | None = None
+
+
+@contextlib.contextmanager
+def emulate_link(bandwidth: float, latency: float = 0.0, clock: str = "wall"):
+    """Within the block, this process's CP collectives run over an :class:`EmulatedLink`
+    (``bandwidth`` bytes/s, ``latency`` s, ``clock``); yields the link (its counters and clock)."""
+    global _LINK
+    previous, _LINK = _LINK, EmulatedLink(bandwidth, latency, clock)
+    try:
+        yield _LINK
+    finally:
+        _LINK = previous
+
+
+class Pending:
+    """An in-flight collective (``work`` None: nothing to wait for); :meth:`wait` returns its result.
+
+    ``done_at``: with an emulated link, the time the transfer completes; ``wait()`` sleeps until then.
+    """
+
+    def __init__(self, work, result: torch.Tensor, done_at: float | None = None, link: EmulatedLink | None = None):
+        self._work, self._result, self._done_at, self._link = work, result, done_at, link
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
             self._work.wait()
             self._work = None
+        if self._done_at is not None:
+            if self._link is not None:
+                self._link.wait_until(self._done_at)
+            else:
+                left = self._done_at - time.perf_counter()
+                if left > 0:
+                    time.sleep(left)
+            self._done_at = None
         return self._result
+
+
+def _booked(nbytes: int) -> float | None:
+    return _LINK.schedule(nbytes) if _LINK is not None else None
 
 
 @dataclass(frozen=True)
@@ -128,9 +215,10 @@ class CommPlan:
         if not st.active:
             return Pending(None, out)
         send = x_local.index_select(0, st.send_idx.to(x_local.device)).contiguous()
+        done_at = _booked(max(send.numel(), out.numel()) * x_local.element_size())
         work = dist.all_to_all_single(out, send, list(st.recv_splits), list(st.send_splits),
                                       group=group, async_op=True)
-        return Pending(work, out)
+        return Pending(work, out, done_at, _LINK)
 
     def group_reduce(self, stage: int, x_recv: torch.Tensor, group) -> Pending:
         """Start returning ``x_recv [num_recv, ...]`` (e.g. partial dK/dV of received rows) to
@@ -141,9 +229,10 @@ class CommPlan:
         out = x_recv.new_empty((st.num_send, *x_recv.shape[1:]))
         if not st.active:
             return Pending(None, out)
+        done_at = _booked(max(out.numel(), x_recv.numel()) * x_recv.element_size())
         work = dist.all_to_all_single(out, x_recv.contiguous(), list(st.send_splits), list(st.recv_splits),
                                       group=group, async_op=True)
-        return Pending(work, out)
+        return Pending(work, out, done_at, _LINK)
 
     def reduce_into(self, stage: int, pending: Pending, accum: torch.Tensor) -> torch.Tensor:
         """Wait for a :meth:`group_reduce` and add the returned rows into ``accum [N_local, ...]``."""

@@ -24,12 +24,17 @@ training loop.
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import torch
 from torch import nn
 
 from .attention import CPSliceAttention, dispatch, local_positions, undispatch
+from .block_mask import offer_block_counts
 from .dispatch import ALIASES, SOLVERS, DispatchPlan, PlanStats, plan_stats, solve
 from .mask import AttnSlices
+from .solve_ahead import AheadSpec, SolvedDispatch
 
 
 def resolve_solver(name: str) -> str:
@@ -53,13 +58,48 @@ class ContextParallelForward:
             core = CPSliceAttention(self.group, plan=None, overlap_stages=overlap_stages)
             layer.self_attention.core_attention = core
             self.cores.append(core)
+        self.overlap_stages = overlap_stages
         self._plans: list[tuple[AttnSlices, DispatchPlan, PlanStats]] = []
+        self._offered: SolvedDispatch | None = None  # the next batch's plan, solved in the loader
         self.recent_stats: list[PlanStats] = []  # one per forward since the last take_plan_stats()
 
+    def ahead_spec(self, block_masks: bool = False) -> AheadSpec:
+        """What a data loader needs to solve this forward's plans ahead (:mod:`.solve_ahead`)."""
+        return AheadSpec(self.cp, self.rank, self.chunk_size, self.solver, self.overlap_stages, block_masks)
+
+    def offer(self, solved: SolvedDispatch | None) -> None:
+        """The plan the loader solved for the next forward's batch (None: nothing solved ahead).
+
+        Used when the forward's mask equals ``solved.slices``; for another mask of the same
+        length (history dropout) the plan is reused and only the stats and comm plan rebuilt.
+        A plan solved for another CP layout is refused (ValueError), never silently used.
+        """
+        if solved is not None and solved.spec != self.ahead_spec(solved.spec.block_masks):
+            raise ValueError(f"the batch's dispatch was solved for {solved.spec}, this model runs "
+                             f"{self.ahead_spec(solved.spec.block_masks)}")
+        self._offered = solved
+
     def plan_for(self, slices: AttnSlices) -> DispatchPlan:
+        """The plan for ``slices``: offered by the loader, cached, or solved now (timed: ``solve_s``)."""
+        start = time.perf_counter()
+        offered, self._offered = self._offered, None
+        if offered is not None and offered.plan.total_seqlen == slices.total_q:
+            if offered.slices == slices:
+                stats = offered.stats
+                cache = CPSliceAttention._cache  # the runtime built in the loader serves every layer
+                cache.insert(0, (self.group, offered.plan, self.overlap_stages, slices, offered.runtime))
+                del cache[CPSliceAttention._CACHE_SIZE:]
+                for key, counts in offered.block_counts.items():
+                    rt = offered.runtime
+                    offer_block_counts(rt.local_slices if key == "local" else rt.stage_slices[key], counts)
+                self._plans = [(slices, offered.plan, stats)] + self._plans[: self._CACHE_SIZE - 1]
+            else:
+                stats = plan_stats(offered.plan, slices)
+            self.recent_stats.append(dataclasses.replace(stats, solve_s=time.perf_counter() - start))
+            return offered.plan
         for cached, plan, stats in self._plans:
             if cached == slices:
-                self.recent_stats.append(stats)
+                self.recent_stats.append(dataclasses.replace(stats, solve_s=time.perf_counter() - start))
                 return plan
         if slices.total_q < self.cp * self.chunk_size:
             raise ValueError(f"a sequence of {slices.total_q} tokens is shorter than parallel.cp={self.cp} chunks "
@@ -67,7 +107,7 @@ class ContextParallelForward:
         plan = solve(slices, self.cp, self.chunk_size, self.solver)
         stats = plan_stats(plan, slices)
         self._plans = [(slices, plan, stats)] + self._plans[: self._CACHE_SIZE - 1]
-        self.recent_stats.append(stats)
+        self.recent_stats.append(dataclasses.replace(stats, solve_s=time.perf_counter() - start))
         return plan
 
     def __call__(self, x, t, text_emb, text_mask, layout, text_null=None, drop_history=None, step_size=None):
@@ -104,6 +144,20 @@ def take_plan_stats(model: nn.Module) -> list[PlanStats]:
         return []
     stats, forward.recent_stats = forward.recent_stats, []
     return stats
+
+
+def offer_dispatch(model: nn.Module, batch) -> None:
+    """Before a forward: hand ``batch.dispatch`` (solved in the loader) to ``model``'s CP forward.
+    A no-op without CP or without a solved dispatch."""
+    forward = getattr(model, "forward", None)
+    if isinstance(forward, ContextParallelForward):
+        forward.offer(getattr(batch, "dispatch", None))
+
+
+def ahead_spec(model: nn.Module, block_masks: bool = False) -> AheadSpec | None:
+    """The :class:`AheadSpec` a loader solves ``model``'s plans with; None without CP."""
+    forward = getattr(model, "forward", None)
+    return forward.ahead_spec(block_masks) if isinstance(forward, ContextParallelForward) else None
 
 
 def apply_context_parallel(model: nn.Module, cp_mesh, chunk_size: int, solver: str, overlap_stages: int) -> None:

@@ -35,7 +35,7 @@ import inspect
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -541,13 +541,208 @@ def _locality(p: ChunkCosts, tolerance: float = 1.05, balance_weight: float = 8.
     return _ranks_of(min(results, key=lambda t: t[0])[1], cp)
 
 
+# ----------------------------------------------------------------------------------------
+# The structured solver: whole runs of chunks moved at once, remote KV under a hard cap
+# ----------------------------------------------------------------------------------------
+
+class _RunSwapSearch:
+    """Local search over swaps of equal-length runs of chunks between two ranks.
+
+    A run is ``L`` consecutive chunks (aligned to ``L``) held by one rank. Swapping whole runs
+    moves a document piece together with its causal prefix, which single-chunk swaps cannot
+    do without first crossing a plateau of worse plans. Lengths go from ``per_rank`` down to
+    1. Minimises, lexicographically, the area above ``cap`` and then the total remote KV (a
+    flatter load breaks ties); the best improving partner of each run is applied. Work is
+    bounded by ``max_cells`` (segment cells scored), so the result does not depend on the
+    machine's speed.
+    """
+
+    def __init__(self, p: ChunkCosts, owner: np.ndarray, cap: float):
+        self.p, self.cap = p, cap
+        self.owner = owner.copy()
+        n, cp = p.num_chunks, p.cp
+        self.need_i = p.need.astype(np.int32)
+        onehot = np.zeros((cp, n), dtype=np.int32)
+        onehot[self.owner, np.arange(n)] = 1
+        self.count = onehot @ self.need_i  # [cp, S] chunks of r needing segment s
+        self.load = (onehot.astype(np.int64) @ p.areas).astype(np.float64)
+        self.own = p.seg_chunk[None, :] == np.arange(n)[:, None]
+        self.weight = p.seg_len.astype(np.float64)
+        self.tie = 0.4 / max(1.0, float(p.areas.sum()) / cp) ** 2
+        held = self.owner[p.seg_chunk][None, :] == np.arange(cp)[:, None]
+        self.remote = (((self.count > 0) & ~held) @ p.seg_len).astype(np.float64)
+        self.cells = 0.0
+
+    def run(self, lengths, max_passes: int = 4, max_cells: float = 3e7) -> np.ndarray:
+        p, cap, w = self.p, self.cap, self.weight
+        n, num_segs = p.num_chunks, p.need.shape[1]
+        for length in lengths:
+            units = n // length
+            if units < 2:
+                continue
+            span = units * length
+            unit_area = p.areas[:span].reshape(units, length).sum(1).astype(np.float64)
+            unit_need = self.need_i[:span].reshape(units, length, num_segs).sum(1)
+            unit_own = self.own[:span].reshape(units, length, num_segs).any(1)
+            for _ in range(max_passes):
+                improved = False
+                for x in range(units):
+                    if self.cells > max_cells:
+                        return self.owner
+                    blocks = self.owner[:span].reshape(units, length)
+                    single = (blocks == blocks[:, :1]).all(axis=1)
+                    if not single[x]:
+                        continue
+                    a = int(blocks[x, 0])
+                    ys = np.flatnonzero(single & (blocks[:, 0] != a))
+                    if len(ys) == 0:
+                        continue
+                    b = blocks[ys, 0]
+                    d_area = unit_area[ys] - unit_area[x]
+                    load_a, load_b = self.load[a], self.load[b]
+                    d_over = (np.maximum(0.0, load_a + d_area - cap) + np.maximum(0.0, load_b - d_area - cap)
+                              - max(0.0, load_a - cap) - np.maximum(0.0, load_b - cap))
+                    keep = d_over <= 1e-9
+                    if not keep.any():
+                        continue
+                    ys, b, d_area, d_over = ys[keep], b[keep], d_area[keep], d_over[keep]
+                    load_b = self.load[b]
+                    nx, ox = unit_need[x], unit_own[x]
+                    ny, oy = unit_need[ys], unit_own[ys]
+                    seg_owner = self.owner[p.seg_chunk]
+                    held_a = (seg_owner == a) & ~ox
+                    rem_a = (((self.count[a] - nx)[None, :] + ny > 0) & ~(held_a[None, :] | oy)) @ w
+                    held_b = ((seg_owner[None, :] == b[:, None]) & ~oy) | ox[None, :]
+                    rem_b = ((self.count[b] - ny + nx[None, :] > 0) & ~held_b) @ w
+                    self.cells += 2 * len(ys) * num_segs + num_segs + 2000
+                    score = (np.where(d_over < -1e-9, -1e30, 0.0) + rem_a + rem_b - self.remote[a] - self.remote[b]
+                             + self.tie * d_area * (load_a - load_b + d_area))
+                    j = int(np.argmin(score))
+                    if score[j] >= -1e-6:
+                        continue
+                    y, rb = int(ys[j]), int(b[j])
+                    self.owner[x * length:(x + 1) * length] = rb
+                    self.owner[y * length:(y + 1) * length] = a
+                    self.count[a] += ny[j] - nx
+                    self.count[rb] += nx - ny[j]
+                    self.load[a] += d_area[j]
+                    self.load[rb] -= d_area[j]
+                    self.remote[a], self.remote[rb] = rem_a[j], rem_b[j]
+                    improved = True
+                if not improved:
+                    break
+        return self.owner
+
+
+def balance_cap(p: ChunkCosts, tolerance: float = 1.05, slack: float = 0.01) -> float:
+    """The largest ``max_over_mean_area`` the structured solver accepts:
+    ``max(tolerance, area_greedy's + slack)``."""
+    return max(tolerance, _balance(p.rank_figures(_owner_of(_area_greedy(p), p.num_chunks))[0]) + slack)
+
+
+def _run_lengths(per_rank: int) -> list[int]:
+    lengths, length = [], per_rank
+    while length >= 1:
+        lengths.append(length)
+        length //= 2
+    return lengths
+
+
+def _structured(p: ChunkCosts, tolerance: float = 1.05, slack: float = 0.01, rounds: int = 2,
+                max_cells: float = 3e7, coarse_above: int = 128) -> list[list[int]]:
+    """Least total remote KV under a hard balance cap, using the mask's structure.
+
+    The cap is :func:`balance_cap` (``max(tolerance, area_greedy + slack)``). Starts: the
+    contiguous split (whole documents and causal prefixes together), zigzag (the balanced
+    contiguous pairs) and the locality greedy; above ``coarse_above`` chunks instead the
+    solution of the problem with pairs of chunks fused (recursively). From each start,
+    ``rounds`` times: run swaps (:class:`_RunSwapSearch`, long runs first, so documents and
+    prefixes move as a whole) then single-chunk swaps (:class:`_SwapSearch`). The plan with
+    the least total remote KV (then the least maximum, then the best balance) within the cap wins; if no search ends
+    within the cap, area_greedy's plan (always within it) is returned.
+    """
+    n, cp = p.num_chunks, p.cp
+    if float(p.areas.sum()) == 0:
+        return _contiguous(p)
+    mean = float(p.areas.sum()) / cp
+    cap = balance_cap(p, tolerance, slack) * mean * (1 + 1e-12)
+    lengths = _run_lengths(p.per_rank)
+    if n > coarse_above and p.per_rank % 2 == 0:
+        coarse = _structured(_coarsen(p, 2), tolerance, slack, rounds, max_cells / 2, coarse_above)
+        starts = [np.repeat(_owner_of(coarse, n // 2), 2)]
+        lengths = [1]
+        budget = max_cells / 2
+    else:
+        starts = [_owner_of(_contiguous(p), n), _owner_of(_zigzag(p), n), _owner_of(_locality_greedy(p, cap), n)]
+        budget = max_cells / len(starts)
+    best = _owner_of(_area_greedy(p), n)
+    area, remote = p.rank_figures(best)
+    best_key = (int(remote.sum()), int(remote.max()), int(area.max()))
+    for owner in starts:
+        per_round = budget / (2 * rounds)
+        for _ in range(rounds):
+            owner = _RunSwapSearch(p, owner, cap).run(lengths, max_cells=per_round)
+            owner = _SwapSearch(p, owner, cap).run(6, per_round)
+        area, remote = p.rank_figures(owner)
+        key = (int(remote.sum()), int(remote.max()), int(area.max()))
+        if area.max() <= cap and key < best_key:
+            best, best_key = owner, key
+    return _ranks_of(best, cp)
+
+
+def remote_kv_lower_bound(p: ChunkCosts, max_over_mean_area: float | None = None) -> int:
+    """A lower bound on the total remote KV of ANY plan whose balance is at most
+    ``max_over_mean_area`` (default: :func:`balance_cap`), from two relaxations (the larger wins):
+
+    - **demand**: a rank holding chunk ``c`` fetches at least ``|need(c)| - k * chunk_size``
+      tokens (it holds only ``k`` chunks). Sorting these values, the j-th largest per-rank
+      maximum is at least the value at ``j * k`` (the ranks' chunk sets are disjoint). And each
+      rank's area is at least ``total - (cp - 1) * cap``, which the ``k`` largest-area chunks
+      needing at most ``u`` tokens reach only from some ``u`` on: every rank fetches at least
+      ``u - k * chunk_size``.
+    - **left/right edge**: a rank's lowest chunk ``m`` needs ``left(m)`` tokens before
+      ``m``'s start, which the rank cannot hold (and likewise after its highest chunk). The
+      ranks' lowest chunks are distinct and lie in ``[0, n - k]``: the ``cp`` smallest
+      ``left`` values there bound the sum (same for ``right``).
+    """
+    n, cp, k, cs = p.num_chunks, p.cp, p.per_rank, p.chunk_size
+    need_len = p.need.astype(np.int64) @ p.seg_len
+    hold = k * cs
+    demand = np.sort(np.maximum(0, need_len - hold))[::-1]
+    ratio = balance_cap(p) if max_over_mean_area is None else max_over_mean_area
+    total = float(p.areas.sum())
+    least_area = total - (cp - 1) * ratio * total / cp
+    floor = 0
+    if least_area > 0:
+        order = np.argsort(need_len, kind="stable")
+        top: list[int] = []
+        top_sum = 0
+        for c in order:
+            heapq.heappush(top, int(p.areas[c]))
+            top_sum += int(p.areas[c])
+            if len(top) > k:
+                top_sum -= heapq.heappop(top)
+            if top_sum >= least_area:
+                floor = max(0, int(need_len[c]) - hold)
+                break
+    by_demand = int(sum(max(int(demand[j * k]), floor) for j in range(cp)))
+    seg_start = np.concatenate([[0], np.cumsum(p.seg_len)[:-1]])
+    chunk_start = np.arange(n) * cs
+    left = np.array([int(p.seg_len[p.need[c] & (seg_start < chunk_start[c])].sum()) for c in range(n)])
+    right = np.array([int(p.seg_len[p.need[c] & (seg_start >= chunk_start[c] + cs)].sum()) for c in range(n)])
+    by_left = int(np.sort(left[: n - k + 1])[:cp].sum())
+    by_right = int(np.sort(right[k - 1:])[:cp].sum())
+    return max(by_demand, by_left, by_right)
+
+
 SOLVERS = {
     "contiguous": _contiguous,
     "zigzag": _zigzag,
     "area_greedy": _area_greedy,
     "locality": _locality,
+    "structured": _structured,
 }
-ALIASES = {"default": "locality"}
+ALIASES = {"default": "structured"}
 
 
 def _solver_names() -> list[str]:
@@ -580,6 +775,7 @@ class PlanStats:
     area: list[int]  # attention area of each rank's query rows
     remote_kv_tokens: list[int]  # KV tokens each rank needs and does not hold
     max_over_mean_area: float
+    solve_s: float = field(default=0.0, compare=False)  # seconds the step spent getting this plan
 
     @property
     def total_remote_kv(self) -> int:
