@@ -9,7 +9,9 @@ with ``parallel.sequence_parallel`` on 2 gloo ranks), on rank 0:
 
 - saved for backward: the bytes autograd keeps for the backward of ONE layer's forward (no
   activation checkpointing): every tensor packed by ``saved_tensors_hooks`` while the layer
-  runs, counted once per storage, parameters (and their local views) excluded;
+  runs, counted once per storage, parameters (and their local views) excluded; split into what
+  the attention kernels keep (the CPU backend's dense score blocks, sharded by heads under TP
+  and backend-specific: a flash kernel keeps only its output and log-sum-exp) and the rest;
 - layer input: the bytes of the residual stream ``h`` entering the layer, which is what full
   activation checkpointing keeps per layer instead.
 
@@ -46,8 +48,9 @@ def _config(run_dir: str, tp: int, sp: bool, args):
         f"parallel.tp={tp}", f"parallel.sequence_parallel={str(sp).lower()}"])
 
 
-def layer_bytes(cfg) -> tuple[int, int]:
-    """(bytes saved for backward by layer 0's forward, bytes of its input ``h``) on this rank."""
+def layer_bytes(cfg) -> tuple[int, int, int]:
+    """Bytes saved for backward by layer 0's forward outside and inside the attention kernels,
+    and the bytes of its input ``h``, on this rank."""
     from magitrain.data import build_data_source
     from magitrain.diffusion import noise_batch
     from magitrain.model import MagiDiT
@@ -66,11 +69,24 @@ def layer_bytes(cfg) -> tuple[int, int]:
 
     def pack(t):
         if active[0]:
-            t = t._local_tensor if isinstance(t, DTensor) else t
-            ptr = t.untyped_storage().data_ptr()
+            local = t._local_tensor if isinstance(t, DTensor) else t
+            ptr = local.untyped_storage().data_ptr()
             if ptr not in params:
-                seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+                bucket = kernel_seen if in_kernel[0] else seen
+                bucket[ptr] = max(bucket.get(ptr, 0), local.untyped_storage().nbytes())
         return t
+
+    attn, in_kernel, kernel_seen = model.layers[0].self_attention, [False], {}
+    attend = attn.attend
+
+    def attend_marked(*a):  # what the attention kernels keep (CPU: dense score blocks; GPU: far less)
+        in_kernel[0] = True
+        try:
+            return attend(*a)
+        finally:
+            in_kernel[0] = False
+
+    attn.attend = attend_marked
 
     layer = model.layers[0]
     layer.register_forward_pre_hook(lambda m, a: (active.__setitem__(0, True), inputs.append(a[0].nbytes)) and None)
@@ -78,17 +94,17 @@ def layer_bytes(cfg) -> tuple[int, int]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(nb.x_t, nb.t, batch.text_emb, batch.text_mask, batch.layout)
     out.sum().backward()
-    return sum(seen.values()), inputs[0]
+    return sum(seen.values()), sum(kernel_seen.values()), inputs[0]
 
 
 def _worker(rank, world, port, root, tp, sp, args):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    saved, inp = layer_bytes(_config(root, tp, sp, args))
+    figures = layer_bytes(_config(root, tp, sp, args))
     if rank == 0:
         with open(os.path.join(root, "bytes"), "w") as f:
-            f.write(f"{saved} {inp}")
+            f.write(" ".join(map(str, figures)))
 
 
 def _free_port() -> int:
@@ -107,19 +123,21 @@ def main(argv=None) -> int:
         print("error: --hidden must be a multiple of 256 and --tokens of 8", file=sys.stderr)
         return 2
     print(f"tokens {args.tokens}, hidden {args.hidden}, SwiGLU, GQA 4:1; one layer, rank 0")
-    print("| layout | saved for backward, MB per layer per rank | vs tp=1 | layer input (full AC keeps), MB | vs tp=1 |")
-    print("|---|---|---|---|---|")
+    print("| layout | saved for backward outside attention kernels, MB | vs tp=1 | inside attention kernels (CPU), MB "
+          "| layer input (full AC keeps), MB | vs tp=1 |")
+    print("|---|---|---|---|---|---|")
     base = None
     for tp, sp in ((1, False), (2, False), (2, True)):
         with tempfile.TemporaryDirectory() as root:
             if tp == 1:
-                saved, inp = layer_bytes(_config(root, 1, False, args))
+                saved, kernel, inp = layer_bytes(_config(root, 1, False, args))
             else:
                 mp.spawn(_worker, args=(tp, _free_port(), root, tp, sp, args), nprocs=tp)
-                saved, inp = map(int, open(os.path.join(root, "bytes")).read().split())
+                saved, kernel, inp = map(int, open(os.path.join(root, "bytes")).read().split())
         base = base or (saved, inp)
         name = "tp=1" if tp == 1 else f"tp={tp}" + (" + SP" if sp else "")
-        print(f"| {name} | {saved / 1e6:.2f} | {saved / base[0]:.3f} | {inp / 1e6:.2f} | {inp / base[1]:.3f} |", flush=True)
+        print(f"| {name} | {saved / 1e6:.2f} | {saved / base[0]:.3f} | {kernel / 1e6:.2f} | {inp / 1e6:.2f} "
+              f"| {inp / base[1]:.3f} |", flush=True)
     return 0
 
 
