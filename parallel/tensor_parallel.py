@@ -37,7 +37,7 @@ Per layer (Megatron's layout; the planner :mod:`magitrain.plan` models exactly t
   parallelism the same holds for every parameter used between regions (norms, embedder, final
   layer) since each rank sees only its tokens.
 
-Embedders and the final layer stay replicated (0.3% of the 24B model's parameters, see
+Embedders and the final layer stay replicated (0.16% of the 24B model's parameters, see
 docs/design.md); under sequence parallelism they run on the rank's own tokens.
 """
 
@@ -102,13 +102,9 @@ def _gather_rows(x_local, group, n: int):
 
 def _reduce_scatter_rows(x, group):
     """Sum ``x [n, ...]`` over ``group`` and keep this rank's ``ceil(n / world)`` rows (zero padded)."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    world = dist.get_world_size(group)
     per = -(-x.shape[0] // world)
     x = _pad_rows(x, per * world).contiguous()
-    if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter: same result, all-reduce volume
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x[rank * per:(rank + 1) * per].clone()
     out = x.new_empty((per, *x.shape[1:]))
     dist.reduce_scatter_tensor(out, x, group=group)
     return out
