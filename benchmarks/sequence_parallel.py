@@ -89,7 +89,11 @@ def layer_bytes(cfg) -> tuple[int, int, int]:
     attn.attend = attend_marked
 
     layer = model.layers[0]
-    layer.register_forward_pre_hook(lambda m, a: (active.__setitem__(0, True), inputs.append(a[0].nbytes)) and None)
+    def enter(module, args):
+        active[0] = True
+        inputs.append(args[0].nbytes)
+
+    layer.register_forward_pre_hook(enter)
     layer.register_forward_hook(lambda m, a, o: active.__setitem__(0, False))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(nb.x_t, nb.t, batch.text_emb, batch.text_mask, batch.layout)
