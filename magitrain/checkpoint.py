@@ -56,6 +56,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from magitrain.parallel import collectives
+from magitrain.parallel.tensor_parallel import checkpoint_layout
 
 MARKER = "COMPLETE"
 TENSORS = "tensors"
@@ -512,6 +513,7 @@ class Checkpointer:
                 os.makedirs(tmp)
             _barrier()
             saved, tensors = split_tree(_as_tree(state))
+            tensors = {k: checkpoint_layout(v) for k, v in tensors.items()}  # DCP-writable shards, same values
             _write_json(os.path.join(tmp, f"rank_{rank:05d}.json"), _inline_tensors(_as_tree(per_rank or {})))
             if rank == 0:
                 _write_json(os.path.join(tmp, STATE_JSON), {"world_size": world, "state": saved,
@@ -696,13 +698,18 @@ def _load_tensors(path: str, tensors: dict, no_dist: bool) -> None:
         if tuple(md.size) != tuple(t.shape):
             raise CheckpointError(f"{path}: tensor '{key}' has shape {list(md.size)} in the checkpoint, "
                                   f"{list(t.shape)} now")
+    staged = {k: checkpoint_layout(t) for k, t in tensors.items()}  # DCP-readable shards of the same tensors
     try:
-        dcp.load(tensors, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=no_dist,
+        dcp.load(staged, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=no_dist,
                  process_group=None if no_dist else _dcp_group())
     except CheckpointError:
         raise
     except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: cannot be loaded ({_reason(e)})") from None
+    with torch.no_grad():
+        for key, t in tensors.items():
+            if staged[key] is not t:
+                t.copy_(staged[key].redistribute(t.device_mesh, t.placements))
 
 
 def _reason(error: BaseException) -> str:

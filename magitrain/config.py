@@ -139,6 +139,7 @@ class ParallelConfig:
     cp_solve_ahead: bool = True  # dispatch plans solved in the data loader workers (webdataset source)
     overlap_stages: int = 1
     activation_checkpointing: str = "none"  # none | full | every_k
+    sequence_parallel: bool = False  # Megatron-style SP between the TP regions (no effect at tp=1)
     ac_every: int = 2
     timeout_s: float = 120.0
     backend: str = "auto"  # auto | gloo | nccl

@@ -85,7 +85,8 @@ class SyntheticSource:
         for i in range(d.samples_per_seq):
             sample_id = seq_index * d.samples_per_seq + i
             gen = torch.Generator().manual_seed(hash_seed(self.cfg.train.seed, step, sample_id))
-            video, caption = render_shape_video(d.frames, d.height, d.width, m.in_channels, gen)
+            channels = m.in_channels // (2 if m.half_channel_vae else 1)  # half_channel_vae: the model duplicates them
+            video, caption = render_shape_video(d.frames, d.height, d.width, channels, gen)
             tokens.append(patchify(video, m.t_patch_size, m.patch_size, m.patch_size))
             emb, mask = self.text.embed(caption)
             n_chunks = grid[0] // m.chunk_frames

@@ -32,11 +32,12 @@ def mixed_precision_policy(device: torch.device, dtype: str) -> MixedPrecisionPo
     return MixedPrecisionPolicy()
 
 
-def apply_fsdp(model: nn.Module, dp_mesh, mp_policy: MixedPrecisionPolicy) -> None:
-    """``fully_shard`` every transformer layer, then the root, over ``dp_mesh``; gradients summed."""
+def apply_fsdp(model: nn.Module, dp_mesh, mp_policy: MixedPrecisionPolicy, shard_placement_fn=None) -> None:
+    """``fully_shard`` every transformer layer, then the root, over ``dp_mesh``; gradients summed.
+    ``shard_placement_fn(param)``: FSDP2's per-parameter shard dimension (None: dim 0)."""
     for layer in model.layers:
-        fully_shard(layer, mesh=dp_mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy)
+        fully_shard(layer, mesh=dp_mesh, mp_policy=mp_policy, shard_placement_fn=shard_placement_fn)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, shard_placement_fn=shard_placement_fn)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -93,9 +93,10 @@ def validate_layout(cfg: Config, world: int) -> None:
         raise ConfigError(f"parallel.dp x parallel.cp x parallel.tp = {p.dp} x {p.cp} x {p.tp} = "
                           f"{p.dp * p.cp * p.tp}, but the job has {world} processes (WORLD_SIZE)")
     if p.tp > 1:
-        if m.num_kv_heads % p.tp:
-            raise ConfigError(f"parallel.tp={p.tp} must divide model.num_kv_heads={m.num_kv_heads}: tensor "
-                              "parallelism shards key/value heads (replicating KV heads is not supported)")
+        if m.num_kv_heads % p.tp and p.tp % m.num_kv_heads:
+            raise ConfigError(f"parallel.tp={p.tp} and model.num_kv_heads={m.num_kv_heads}: one must divide the "
+                              "other (tensor parallelism splits key/value heads, or replicates them when tp "
+                              "exceeds them)")
         if 8 % p.tp:  # MAGI-1's linear_proj input is 8 interleaved [self | cross] groups
             raise ConfigError(f"parallel.tp={p.tp} must divide 8 (linear_proj's 8 interleaved head groups)")
     if p.cp > 1 and cfg.data.seq_tokens < p.cp * p.cp_chunk_size:

@@ -8,7 +8,9 @@ what differs by layout: :func:`clip_grad_norm_`.
 
 How the axes compose (rank ``r = (dp_rank * cp + cp_rank) * tp + tp_rank``):
 
-- TP shards each layer's matrices over the ``tp`` group (innermost: the fastest links).
+- TP shards each layer's matrices over the ``tp`` group (innermost: the fastest links); with
+  ``parallel.sequence_parallel`` the norms, gating and residual adds between its regions run on
+  ``1/tp`` of the tokens (:mod:`.tensor_parallel`).
 - CP runs each rank on its dispatched tokens; its attention group is ``cp`` (same dp and tp
   rank), so CP attention runs on the TP rank's local heads and moves only those heads' KV.
 - FSDP2 shards every parameter over ``dp_cp`` (dp x cp flattened) and SUMS gradients there.
@@ -26,7 +28,7 @@ from .context_parallel import apply_context_parallel
 from .data_parallel import apply_fsdp, clip_grad_norm_ as _clip_sharded, mixed_precision_policy
 from .deepspeed_engine import grad_norm as ds_grad_norm, is_engine
 from .mesh import ParallelEnv
-from .tensor_parallel import apply_tensor_parallel
+from .tensor_parallel import apply_tensor_parallel, fsdp_shard_placement
 
 
 def parallelize_model(model: nn.Module, env: ParallelEnv, cfg: Config) -> nn.Module:
@@ -35,13 +37,14 @@ def parallelize_model(model: nn.Module, env: ParallelEnv, cfg: Config) -> nn.Mod
     if p.dp_engine not in ("fsdp2", "deepspeed") and env.world_size > 1:
         raise ConfigError(f"parallel.dp_engine={p.dp_engine} is not available in this build; use fsdp2 or deepspeed")
     if env.tp > 1:
-        apply_tensor_parallel(model, env.submesh("tp"))
+        apply_tensor_parallel(model, env.submesh("tp"), p.sequence_parallel)
     if env.cp > 1:
         apply_context_parallel(model, env.submesh("cp"), p.cp_chunk_size, p.cp_solver, p.overlap_stages)
     apply_compile(model, cfg.train.compile)
     apply_activation_checkpointing(model, p.activation_checkpointing, p.ac_every)
     if env.dp * env.cp > 1 and p.dp_engine == "fsdp2":  # deepspeed: attach_optimizer, once the optimizer exists
-        apply_fsdp(model, env.submesh("dp_cp"), mixed_precision_policy(env.device, cfg.train.dtype))
+        apply_fsdp(model, env.submesh("dp_cp"), mixed_precision_policy(env.device, cfg.train.dtype),
+                   fsdp_shard_placement if env.tp > 1 else None)
     return model
 
 

@@ -21,7 +21,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("overrides, world, key", [
     (["parallel.dp=2"], 4, "WORLD_SIZE"),
-    (["parallel.tp=4", "model.num_heads=4", "model.num_kv_heads=2"], 4, "model.num_kv_heads"),
+    (["parallel.tp=16", "model.num_heads=16", "model.num_kv_heads=16"], 16, "must divide 8"),  # linear_proj's groups
     (["parallel.tp=2", "parallel.dp=2", "parallel.dp_engine=deepspeed"], 4, "parallel.dp_engine"),
 ])
 def test_bad_layouts_fail_at_start_naming_the_key(tmp_path, monkeypatch, overrides, world, key):
