@@ -183,6 +183,8 @@ def test_deepspeed_matches_fsdp2_and_single_process(tmp_path, monkeypatch):
     for key in ("model", "exp_avg", "ema"):
         assert local["total"] / 2 <= local[key] <= local["total"] / 2 + 64, (key, local)
     files = sizes["files"]
+    print(f"ZeRO-3 dp=2 checkpoint: per-rank DCP data files {files} bytes (model + Adam moments + EMA, fp32: "
+          f"{local['total'] * 16} bytes); rank 0 state dicts hold {local}")
     assert len(files) == 2, files
     assert max(files.values()) < 0.55 * sum(files.values()), files
 
