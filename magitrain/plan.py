@@ -391,12 +391,13 @@ def make_plan(cfg: Config, gpu_memory: int = 80 * 10 ** 9, device: str = "cuda",
         part = -(-total_local // p.dp)
         mem["parameters"] = (local if p.zero_stage == 3 else total_local) * param_dtype
         mem["gradients"] = (part if p.zero_stage >= 2 else total_local) * 4
-        state = {"optimizer_state": part * 8, "fp32_master": part * 4}
+        # the EMA follows the fp32 master partition it averages (on the CPU under offload)
+        state = {"optimizer_state": part * 8, "fp32_master": part * 4,
+                 "ema": part * 4 if cfg.optim.ema_decay > 0 else 0}
         if p.cpu_offload:
             host.update(state)
         else:
             mem.update(state)
-        mem["ema"] = part * 4 if cfg.optim.ema_decay > 0 else 0
         mem["zero3_gathered_layers"] = 2 * layer_params_full * param_dtype if p.zero_stage == 3 else 0
         notes.append("deepspeed: ZeRO flat partitions over dp (cp = tp = 1)")
     else:
