@@ -36,7 +36,8 @@ from magitrain.data_pipeline.dataset import BadDataError
 from magitrain.model import MagiDiT
 from magitrain.parallel import collectives
 from magitrain.parallel.context_parallel import ahead_spec, offer_dispatch, take_plan_stats
-from magitrain.parallel.deepspeed_engine import EngineModelState, EngineOptimizerState, is_engine, unwrap
+from magitrain.parallel.deepspeed_engine import (EngineModelState, EngineOptimizerState, PartitionEMA, is_engine,
+                                                 unwrap)
 from magitrain.parallel.mesh import ParallelEnv, RankLostError, init_parallel, report_lost_ranks
 from magitrain.parallel.parallelize import attach_optimizer, clip_grad_norm_, parallelize_model
 from magitrain.run_dir import (RunDirError, RunLock, check_fresh_start, check_run_dir_path, config_changes,
@@ -259,7 +260,9 @@ def _train_locked(cfg: Config, env: ParallelEnv) -> dict:
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     model, optimizer = attach_optimizer(model, optimizer, env, cfg)  # deepspeed: its engine steps
-    ema = EMA(unwrap(model), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    ema = None
+    if cfg.optim.ema_decay > 0:  # deepspeed: the EMA of this rank's ZeRO partition
+        ema = PartitionEMA(model, cfg.optim.ema_decay) if is_engine(model) else EMA(unwrap(model), cfg.optim.ema_decay)
     data = build_data_source(cfg, env.dp_rank, env.dp)
     if cfg.parallel.cp_solve_ahead and hasattr(data, "solve_ahead"):  # CP plans solved in the loader workers
         data.solve_ahead = ahead_spec(unwrap(model), block_masks=env.device.type == "cuda")

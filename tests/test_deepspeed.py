@@ -1,10 +1,14 @@
-"""``parallel.dp_engine=deepspeed``: ZeRO-1/2/3 at dp=2 train the tiny model with the same
-per-step losses and gradient norms as FSDP2 at dp=2 and as one process (relative 1e-5).
+"""``parallel.dp_engine=deepspeed``: ZeRO-1/2/3 at dp=2, with ``train.grad_accum=2``, with
+ZeRO-Offload (``parallel.cpu_offload``: CPU AdamW) and with EMA under ZeRO-3, train the tiny
+model with the same per-step losses and gradient norms as FSDP2 at dp=2 and as one process
+(relative 1e-5); a ZeRO-3 checkpoint (each rank saved its own partition) resumes under FSDP2 and
+ZeRO-1 and exports as a release equal to the ZeRO-2 run's.
 
 One spawn of 2 gloo ranks runs every engine for 3 steps with the loop's own pieces (model,
 ``parallelize_model``, AdamW + LR schedule, ``attach_optimizer``, ``train_step``); the
-single-process reference runs in the test process. The first DeepSpeed start JIT-builds a comm
-op with g++ (~100 s, cached under ``~/.cache/magitrain_torch_extensions``): hence slow.
+single-process references run in the test process. The first DeepSpeed start JIT-builds a comm
+op and the CPU Adam with g++ (~100 s each, cached under ``~/.cache/magitrain_torch_extensions``):
+hence slow.
 """
 
 import json
@@ -21,9 +25,16 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 
 STEPS = 3
+DS = "parallel.dp_engine=deepspeed"
+ACCUM = ["train.grad_accum=2", "data.batch_size=4"]  # two micro-batches of one sequence per rank
 ENGINES = {"fsdp2": ["parallel.dp_engine=fsdp2"],
-           **{f"zero{s}": ["parallel.dp_engine=deepspeed", f"parallel.zero_stage={s}"] for s in (1, 2, 3)}}
-ENGINES["zero3"].append("optim.ema_decay=0")  # ZeRO-3 refuses EMA
+           **{f"zero{s}": [DS, f"parallel.zero_stage={s}"] for s in (1, 2, 3)},
+           "zero2_offload": [DS, "parallel.zero_stage=2", "parallel.cpu_offload=true"],
+           "fsdp2_accum": ["parallel.dp_engine=fsdp2", *ACCUM],
+           "zero1_accum": [DS, "parallel.zero_stage=1", *ACCUM],
+           "zero2_accum": [DS, "parallel.zero_stage=2", *ACCUM],
+           "zero3_offload_accum": [DS, "parallel.zero_stage=3", "parallel.cpu_offload=true", *ACCUM]}
+REFERENCES = {"plain": [], "accum": ACCUM}  # one process
 REL_TOL = 1e-5
 
 
@@ -51,45 +62,81 @@ def run_steps(cfg) -> list[dict]:
     data = build_data_source(cfg, env.dp_rank, env.dp)
     out = []
     for step in range(STEPS):
-        r = train_step(model, [data.next_batch()], cfg, env, step, optimizer)
+        micro = [data.next_batch() for _ in range(cfg.train.grad_accum)]
+        r = train_step(model, micro, cfg, env, step, optimizer)
         assert r["finite"]
         scheduler.step()
         out.append({"loss": r["loss"], "grad_norm": r["grad_norm"], "model": type(model).__name__})
     return out
 
 
-def _cfg(root, name, world):
+def _cfg(root, name, world, *extra):
     # grad_clip below the step norms, so DeepSpeed's clipping is exercised too
     return tiny_config(os.path.join(root, name), f"parallel.dp={world}", "optim.grad_clip=0.05",
-                       "optim.warmup_steps=1", *ENGINES[name])
+                       "optim.warmup_steps=1", *extra)
 
 
 def _worker(rank, world, port, root):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    results = {name: run_steps(_cfg(root, name, world)) for name in ENGINES}
-    _train_and_resume(root, world)
+    results = {name: run_steps(_cfg(root, name, world, *extra)) for name, extra in ENGINES.items()}
+    sizes = _train_and_resume(root, world)
     if rank == 0:
         with open(os.path.join(root, "results.json"), "w") as f:
-            json.dump(results, f)
+            json.dump({"steps": results, "sizes": sizes}, f)
 
 
-def _train_cfg(root, run, name, world, *extra):
+def _train_cfg(root, run, world, *extra):
     return tiny_config(os.path.join(root, run), f"parallel.dp={world}", "train.steps=3", "ckpt.every=2",
-                       "optim.warmup_steps=1", *ENGINES[name], *extra)
+                       "optim.warmup_steps=1", *extra)
 
 
-def _train_and_resume(root, world):
-    """train() under ZeRO-2 (with EMA) and ZeRO-3; then resume ZeRO-2's step-2 checkpoint under
-    ZeRO-1 and under FSDP2 (the checkpoint is in our format, keyed by parameter name)."""
+def _train_and_resume(root, world) -> dict:
+    """train() under ZeRO-2 and ZeRO-3, both with EMA; resume ZeRO-3's step-2 checkpoint (each rank
+    wrote its own partitions) under ZeRO-1 and under FSDP2, and ZeRO-2's under ZeRO-3 + offload. Returns what this rank's state dicts
+    hold locally and the sizes of the checkpoint's per-rank data files."""
+    import torch.distributed as dist
+
     from magitrain.train import train
 
-    train(_train_cfg(root, "z2", "zero2", world))
-    train(_train_cfg(root, "z3", "zero3", world))
-    src = os.path.join(root, "z2", "run", "checkpoints", "step_00000002")
+    train(_train_cfg(root, "z2", world, DS, "parallel.zero_stage=2"))
+    train(_train_cfg(root, "z3", world, DS, "parallel.zero_stage=3"))
+    src = os.path.join(root, "z3", "run", "checkpoints", "step_00000002")
     for name in ("zero1", "fsdp2"):
-        train(_train_cfg(root, f"resume_{name}", name, world, f"ckpt.resume={src}"))
+        train(_train_cfg(root, f"resume_{name}", world, *ENGINES[name], f"ckpt.resume={src}"))
+    z2 = os.path.join(root, "z2", "run", "checkpoints", "step_00000002")  # and into a fresh ZeRO-3 + offload
+    train(_train_cfg(root, "resume_zero3_offload", world, *ENGINES["zero3"], "parallel.cpu_offload=true",
+                     f"ckpt.resume={z2}"))
+    tensors = os.path.join(src, "tensors")
+    files = {f: os.path.getsize(os.path.join(tensors, f)) for f in os.listdir(tensors) if f.endswith(".distcp")}
+    return {"rank": dist.get_rank(), "files": files, "local": _local_state_elements(root, world)}
+
+
+def _local_state_elements(root, world) -> dict:
+    """Elements of model / each Adam moment / EMA this rank's ZeRO-3 state dicts hold, vs the model's."""
+    from magitrain.parallel.deepspeed_engine import EngineModelState, EngineOptimizerState, PartitionEMA
+    from magitrain.parallel.mesh import init_parallel
+    from magitrain.parallel.parallelize import attach_optimizer, parallelize_model
+
+    from magitrain.model import MagiDiT
+    from magitrain.train import build_optimizer
+
+    cfg = _train_cfg(root, "local", world, DS, "parallel.zero_stage=3")
+    env = init_parallel(cfg)
+    plain = MagiDiT(cfg.model)
+    total = sum(p.numel() for p in plain.parameters())
+    model = parallelize_model(plain, env, cfg)
+    model, optimizer = attach_optimizer(model, build_optimizer(model, cfg), env, cfg)
+
+    def local(t):
+        return sum(s.tensor.numel() for s in t.local_shards())
+
+    opt = EngineOptimizerState(model, optimizer).state_dict()["state"]
+    return {"total": total,
+            "model": sum(local(t) for t in EngineModelState(model).state_dict().values()),
+            "exp_avg": sum(local(s["exp_avg"]) for s in opt.values()),
+            "ema": sum(local(t) for t in PartitionEMA(model, 0.9).state_dict()["shadow"].values())}
 
 
 def _losses(root, run):
@@ -97,40 +144,61 @@ def _losses(root, run):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def test_deepspeed_zero_matches_fsdp2_and_single_process(tmp_path, monkeypatch):
+def _close(got, want, what):
+    rel = abs(got - want) / abs(want)
+    assert rel < REL_TOL, f"{what}: {got} vs {want} (rel {rel:.2e})"
+
+
+def test_deepspeed_matches_fsdp2_and_single_process(tmp_path, monkeypatch):
     root = str(tmp_path)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/magitrain_torch_extensions"))
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     mp.spawn(_worker, args=(2, _free_port(), root), nprocs=2)
     with open(os.path.join(root, "results.json")) as f:
-        results = json.load(f)
-    ref = run_steps(_cfg(root, "fsdp2", 1))
-    assert ref[-1]["loss"] != ref[0]["loss"]  # the steps do change the model
-    assert {name: steps[0]["model"] for name, steps in results.items()} == {
-        "fsdp2": "FSDPMagiDiT", "zero1": "DeepSpeedEngine", "zero2": "DeepSpeedEngine", "zero3": "DeepSpeedEngine"}
+        saved = json.load(f)
+    results, sizes = saved["steps"], saved["sizes"]
+    refs = {k: run_steps(_cfg(root, f"ref_{k}", 1, *extra)) for k, extra in REFERENCES.items()}
+    for ref in refs.values():
+        assert ref[-1]["loss"] != ref[0]["loss"]  # the steps do change the model
+        assert max(r["grad_norm"] for r in ref) > 0.05  # clipping was active
+    assert refs["plain"][0]["loss"] != refs["accum"][0]["loss"]  # accumulation saw twice the data
     for name, steps in results.items():
+        assert steps[0]["model"] == ("FSDPMagiDiT" if name.startswith("fsdp2") else "DeepSpeedEngine"), name
+        ref = refs["accum" if name.endswith("accum") else "plain"]
         for i, (got, want) in enumerate(zip(steps, ref)):
             for key in ("loss", "grad_norm"):
-                rel = abs(got[key] - want[key]) / abs(want[key])
-                assert rel < REL_TOL, f"{name} step {i} {key}: {got[key]} vs 1 process {want[key]} (rel {rel:.2e})"
-    assert max(r["grad_norm"] for r in ref) > 0.05  # clipping was active
+                _close(got[key], want[key], f"{name} step {i} {key} vs one process")
 
     z2, z3 = _losses(root, "z2"), _losses(root, "z3")
     assert sorted(z2) == sorted(z3) == [1, 2, 3]
-    for run in ("resume_zero1", "resume_fsdp2"):
+    for run in ("resume_zero1", "resume_fsdp2", "resume_zero3_offload"):
         resumed = _losses(root, run)
         assert sorted(resumed) == [3], (run, resumed)
+        _close(resumed[3], z2[3], f"{run} step 3")
     for step in (1, 2, 3):
-        for got in (z3[step], *([_losses(root, r)[3] for r in ("resume_zero1", "resume_fsdp2")] if step == 3 else [])):
-            assert abs(got - z2[step]) / abs(z2[step]) < REL_TOL, (step, got, z2[step])
+        _close(z3[step], z2[step], f"ZeRO-3 step {step}")
 
+    # each rank holds and writes its own partition: about 1/dp of model + optimizer + EMA
+    local = sizes["local"]
+    for key in ("model", "exp_avg", "ema"):
+        assert local["total"] / 2 <= local[key] <= local["total"] / 2 + 64, (key, local)
+    files = sizes["files"]
+    print(f"ZeRO-3 dp=2 checkpoint: per-rank DCP data files {files} bytes (model + Adam moments + EMA, fp32: "
+          f"{local['total'] * 16} bytes); rank 0 state dicts hold {local}")
+    assert len(files) == 2, files
+    assert max(files.values()) < 0.55 * sum(files.values()), files
 
-def test_cpu_offload_is_refused_clearly(tmp_path):
-    from magitrain.parallel.deepspeed_engine import apply_deepspeed
-    from magitrain.parallel.mesh import init_parallel
+    # the ZeRO-3 checkpoint exports: its EMA weights equal the ZeRO-2 run's
+    from magitrain.release import export
+    from safetensors.torch import load_file
 
-    from magitrain.config import ConfigError
-
-    cfg = tiny_config(tmp_path, "parallel.dp_engine=deepspeed", "parallel.cpu_offload=true")
-    with pytest.raises(ConfigError, match="cpu_offload"):
-        apply_deepspeed(torch.nn.Linear(2, 2), None, init_parallel(cfg), cfg)
+    out = {}
+    for run in ("z2", "z3"):
+        export(os.path.join(root, run, "run"), os.path.join(root, f"release_{run}"), ema=True, dtype="fp32",
+               fmt="magitrain")
+        folder = os.path.join(root, f"release_{run}")
+        out[run] = {k: v for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")
+                    for k, v in load_file(os.path.join(folder, f)).items()}
+    assert sorted(out["z2"]) == sorted(out["z3"]) and out["z2"]
+    for k, v in out["z2"].items():
+        torch.testing.assert_close(out["z3"][k], v, rtol=1e-5, atol=1e-7, msg=k)
