@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from omegaconf import OmegaConf
 
 from magitrain import perf
@@ -128,12 +129,15 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
 
     ``foreach``: one multi-tensor kernel per update term instead of one op per parameter; with
     FSDP2's DTensor parameters every op also pays DTensor dispatch, and the per-parameter loop
-    cost 87 ms of a 2-layer model's step against 20 ms (docs/design.md, issue 13)."""
+    cost 87 ms of a 2-layer model's step against 20 ms (docs/design.md, issue 13). Only when the
+    parameters are all DTensors or all plain tensors (multi-tensor ops refuse a mix)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
+    kinds = {isinstance(p, DTensor) for p in decay + no_decay}
+    foreach = len(kinds) == 1  # torch's multi-tensor ops refuse a mix of DTensors and plain tensors (TP's replicated embedders)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=foreach)
 
 
 def lr_factor(step: int, cfg: Config) -> float:

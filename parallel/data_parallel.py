@@ -61,6 +61,13 @@ def _replication(p: torch.Tensor, world_size: int) -> int:
 
 
 @torch.no_grad()
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The plain local tensor under (possibly nested) DTensor wrappers; in-place ops on it reach ``t``."""
+    while isinstance(t, DTensor):
+        t = t._local_tensor
+    return t
+
+
 def clip_grad_norm_(parameters, max_norm: float, world_size: int = 1) -> float:
     """Clip gradients to total L2 norm ``max_norm``; returns the norm before clipping.
 
@@ -79,6 +86,7 @@ def clip_grad_norm_(parameters, max_norm: float, world_size: int = 1) -> float:
     dist.all_reduce(total)
     norm = float(total.sqrt())
     coef = max_norm / (norm + 1e-6)
-    if coef < 1.0:  # on the local pieces, one multi-tensor op (no DTensor dispatch per parameter)
-        torch._foreach_mul_([p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad for p in params], coef)
+    if coef < 1.0:  # on the local pieces: no DTensor dispatch per parameter
+        for p in params:
+            _local(p.grad).mul_(coef)
     return norm
