@@ -52,8 +52,9 @@ RESERVED = 0.10  # share of GPU memory kept for the CUDA context, NCCL buffers a
 WEBDATASET_FRAME_TOKENS = 3600  # a 720x1280 frame: 90x160 latent (VAE /8), 45x80 patches of 2x2
 
 # The TP layout (Megatron's, expressed as DTensor placements; parallel/tensor_parallel.py applies it):
-# "col": rows (dim 0) split by tp; "row": columns (dim 1) split by tp; "kv": rows split by KV heads,
-# which are replicated when tp > num_kv_heads (each rank keeps the one head its queries use);
+# "col": rows (dim 0) split by tp; "row": columns (dim 1) split by tp; "kv": rows split by KV heads
+# when tp <= num_kv_heads; when tp > num_kv_heads the KV weights stay whole on every rank (each rank
+# computes only the head its queries use: parallel/tensor_parallel.py);
 # anything not listed is replicated over tp.
 TP_RULES = (
     (r"ada_modulate_layer\.proj\.0\.(weight|bias)$", "col"),
@@ -81,7 +82,7 @@ def tp_local_shape(name: str, shape: tuple, tp: int, kv_heads: int) -> tuple:
     if rule == "row":
         return (shape[0], shape[1] // tp, *shape[2:])
     if rule == "kv":
-        return (shape[0] * max(kv_heads // tp, 1) // kv_heads, *shape[1:])
+        return (shape[0] // tp, *shape[1:]) if tp <= kv_heads else shape
     return tuple(shape)
 
 

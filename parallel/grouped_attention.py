@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
 from .mask import AttnSlices
 
 MIN_DENSITY = 0.25  # below this share of allowed pairs a component's dense box is split into slices
@@ -139,14 +141,22 @@ _PLANS: list = []  # [(slices, groups)], most recent first
 
 
 def cached_groups(slices: AttnSlices) -> list[tuple[Group, bool, tuple | None]]:
-    """:func:`plan_groups`, cached: the layers of a step (and a CP plan's steps) share a mask."""
+    """:func:`plan_groups`, cached: the layers of a step (and a CP plan's steps) share a mask. The
+    plan is host data: built outside any FakeTensorMode (the planner's dry runs trace under one)."""
     for cached, groups in _PLANS:
         if cached is slices or cached == slices:
             return groups
-    groups = plan_groups(slices)
+    with unset_fake_temporarily():
+        groups = plan_groups(slices)
     _PLANS.insert(0, (slices, groups))
     del _PLANS[16:]
     return groups
+
+
+def _where(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A plan tensor on ``like``'s device; a fake copy when ``like`` is a FakeTensor (a traced dry run)."""
+    mode = getattr(like, "fake_mode", None)
+    return (mode.from_tensor(t) if mode is not None else t).to(like.device)
 
 
 def grouped_slice_attention(q, k, v, slices: AttnSlices, scale: float | None = None):
@@ -164,11 +174,11 @@ def grouped_slice_attention(q, k, v, slices: AttnSlices, scale: float | None = N
             q0, q1, k0, k1 = span
             qg, kg, vg = q[None, q0:q1].to(acc), k[None, k0:k1].to(acc), v[None, k0:k1].to(acc)
         else:
-            q_index, k_index = g.q_index.to(q.device), g.k_index.to(q.device)
+            q_index, k_index = _where(g.q_index, q), _where(g.k_index, q)
             qg, kg, vg = q[q_index].to(acc), k[k_index].to(acc), v[k_index].to(acc)  # [G, L, H, D]
         scores = torch.einsum("gqhd,gkhd->ghqk", qg, kg) * scale
         if not dense:
-            scores = scores.masked_fill(~g.allowed.to(q.device), _NEG_INF)
+            scores = scores.masked_fill(~_where(g.allowed, q), _NEG_INF)
         row_max = scores.detach().amax(-1, keepdim=True)
         row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
         expd = torch.exp(scores - row_max)
@@ -178,7 +188,7 @@ def grouped_slice_attention(q, k, v, slices: AttnSlices, scale: float | None = N
         lse = torch.where(seen, torch.log(torch.where(seen, sumexp, torch.ones_like(sumexp))) + row_max[..., 0],
                           torch.full_like(sumexp, _NEG_INF))
         out = torch.einsum("ghqk,gkhd->gqhd", probs, vg)
-        row_parts.append(g.q_index.to(q.device).reshape(-1))
+        row_parts.append(_where(g.q_index, q).reshape(-1))
         out_parts.append(out.reshape(-1, hq, d))
         lse_parts.append(lse.permute(0, 2, 1).reshape(-1, hq))
     out = torch.zeros(nq, hq, d, device=q.device, dtype=acc)

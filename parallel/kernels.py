@@ -31,6 +31,7 @@ through the final LSE merge; context parallelism uses it to recompute stage by s
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -280,12 +281,32 @@ def _flash_available() -> bool:
     return True
 
 
+_FORCED: list[str] = []  # forced_backend's stack
+
+
+@contextlib.contextmanager
+def forced_backend(name: str):
+    """Every :func:`slice_attention` call inside picks ``name`` (e.g. measuring one kernel's memory)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(BACKENDS)}")
+    _FORCED.append(name)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
 def pick_backend(q: torch.Tensor, requires_grad: bool) -> str:
     """The fastest backend that supports this device, dtype and (for training) backward.
 
-    CPU: ``grouped`` (flex has no CPU backward, and its eager CPU forward is slower).
+    CPU: ``grouped`` (flex has no CPU backward, and its eager CPU forward is slower). Fake and
+    meta tensors (the planner's traced dry runs): ``torch``, the reference, one block per slice.
     CUDA: ``flash`` for fp16/bf16 inference when flash-attn imports, else ``flex``.
     """
+    if _FORCED:
+        return _FORCED[-1]
+    if q.is_meta or getattr(q, "fake_mode", None) is not None:
+        return "torch"
     if not q.is_cuda:
         return "grouped"
     if not requires_grad and q.dtype in (torch.float16, torch.bfloat16) and _flash_available():
