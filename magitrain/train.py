@@ -31,6 +31,7 @@ from magitrain.data import build_data_source
 from magitrain.diffusion import NoisedBatch, masked_sq_error, noise_batch
 from magitrain.distill import ShortcutDistillation, load_init
 from magitrain.ema import EMA
+from magitrain.lora import BaseReference, apply_lora, base_fingerprint
 from magitrain.metrics import MetricsLogger, open_wandb
 from magitrain.data_pipeline.dataset import BadDataError
 from magitrain.model import MagiDiT
@@ -247,9 +248,16 @@ def _train_locked(cfg: Config, env: ParallelEnv) -> dict:
         changes = _resume_config_changes(resume_path, cfg)
     ckpt.run_id = (Checkpointer.marker(resume_path).get("run_id") if resume_path else None) or uuid.uuid4().hex
     model = MagiDiT(cfg.model).to(env.device)
-    if init_path:
+    lora, base_ref = cfg.model.lora, None
+    if lora.rank:  # the frozen base is loaded on resume too: a LoRA checkpoint holds only the adapters
+        base_path = init_path or cfg.ckpt.init_from
+        load_init(model, base_path)
+        base_ref = BaseReference(base_fingerprint(base_path), lora.rank, lora.alpha, lora.targets)
+    elif init_path:
         load_init(model, init_path)
-    model = parallelize_model(model, env, cfg)
+    adapters = ((lambda m, tp_mesh: apply_lora(m, lora.rank, lora.alpha, lora.targets, cfg.train.seed, tp_mesh))
+                if lora.rank else None)
+    model = parallelize_model(model, env, cfg, adapters=adapters)
     objective = build_objective(cfg, env)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -260,9 +268,11 @@ def _train_locked(cfg: Config, env: ParallelEnv) -> dict:
 
     def stateful() -> dict:  # the same on every rank (tensors sharded as the model is)
         model_state, optim_state = ((EngineModelState(model), EngineOptimizerState(model, optimizer))
-                                    if is_engine(model) else (ModelState(model), OptimizerState(model, optimizer)))
+                                    if is_engine(model) else (ModelState(model, trainable_only=base_ref is not None),
+                                                              OptimizerState(model, optimizer)))
         return {"model": model_state, "optim": optim_state, "sched": scheduler,
-                "trainer": state, **({"ema": ema} if ema is not None else {})}
+                "trainer": state, **({"ema": ema} if ema is not None else {}),
+                **({"lora_base": base_ref} if base_ref is not None else {})}
 
     def per_rank() -> dict:
         return {"data": data, "rng": RNGState()}
