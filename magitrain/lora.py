@@ -281,3 +281,9 @@ class BaseReference:
             raise LoraError(f"the checkpoint's adapters were trained on the base {state.get('path')} "
                             f"(sha256 {state.get('sha256', '?')[:16]}...), but this run loaded {self.fingerprint['path']} "
                             f"(sha256 {self.fingerprint['sha256'][:16]}...); set ckpt.init_from to the original base")
+
+
+def target_names(num_layers: int, targets) -> list[str]:
+    """Full names of the adapted modules of a ``num_layers`` model (PEFT's ``target_modules`` form)."""
+    names = selected(TARGETS, targets)
+    return [f"videodit_blocks.layers.{i}.{n}" for i in range(num_layers) for n in names]
