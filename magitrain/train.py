@@ -32,6 +32,7 @@ from magitrain.diffusion import NoisedBatch, masked_sq_error, noise_batch
 from magitrain.distill import ShortcutDistillation, load_init
 from magitrain.ema import EMA
 from magitrain.lora import BaseReference, apply_lora, base_fingerprint
+from magitrain.validation import Validator
 from magitrain.metrics import MetricsLogger, open_wandb
 from magitrain.data_pipeline.dataset import BadDataError
 from magitrain.model import MagiDiT
@@ -264,6 +265,7 @@ def _train_locked(cfg: Config, env: ParallelEnv) -> dict:
     model, optimizer = attach_optimizer(model, optimizer, env, cfg)  # deepspeed: its engine steps
     ema = EMA(unwrap(model), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     data = build_data_source(cfg, env.dp_rank, env.dp)
+    validator = Validator(cfg, env)  # held-out data for eval.every (read once), captions for eval.video_every
     state = TrainState()
 
     def stateful() -> dict:  # the same on every rank (tensors sharded as the model is)
@@ -342,7 +344,13 @@ def _train_locked(cfg: Config, env: ParallelEnv) -> dict:
                 flops = perf.step_flops(params, out["tokens"], area, cfg.model)
                 record.update({"data_time_s": data_time, "attn_area": int(area), "model_flops": flops,
                                "mfu": flops / dt / peak_total, **perf.cp_figures(take_plan_stats(model))})
-                if state.step % cfg.log.every == 0 or state.step == end:
+                val_due, samples_due = validator.due(state.step, end)  # eval.every / eval.video_every
+                if val_due:
+                    record.update(validator.losses(model))
+                if samples_due:
+                    for path in validator.samples(model, state.step, logger.writer):
+                        logger.message(f"sample: {path}")
+                if state.step % cfg.log.every == 0 or state.step == end or val_due:
                     logger.log(record)
                 summary = stages.update(record)  # a line per finished curriculum stage
                 if summary:
