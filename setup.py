@@ -37,7 +37,8 @@ setup(
         "deepspeed": ["deepspeed>=0.15,<0.20"],
         "megatron": ["megatron-core>=0.12"],
         "wandb": ["wandb>=0.17"],  # log.wandb=true (offline by default)
-        "release": ["zstandard>=0.22"],  # MAGI-1's .safetensors.zst shards (python -m magitrain.release import)
+        "release": ["zstandard>=0.22"],
+        "lora": ["peft>=0.13"],  # only to load an exported adapter into PEFT (tests/test_lora.py); training needs none  # MAGI-1's .safetensors.zst shards (python -m magitrain.release import)
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5",
                 # offline schema checks of the Kubernetes / PyTorchJob manifests (tests/test_launch_k8s.py)
                 "kubernetes-validate>=1.28", "kubeflow-training>=1.8,<2", "jsonschema>=4.18"],

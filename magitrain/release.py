@@ -7,6 +7,12 @@
   (``weight_map``, total size, and a SHA-256 per tensor), the config (``magi1``: MAGI-1's
   ``config.json``; ``magitrain``: our ``config.yaml``) and a model card ``README.md``. The folder
   is written beside OUT_DIR and renamed into place at the end: it is complete or absent.
+- ``export --lora RUN_DIR OUT_DIR``: a LoRA run's adapter alone: ``adapter_model.safetensors`` (keys
+  ``base_model.model.<MAGI-1 module>.lora_A.weight`` / ``.lora_B.weight``, PEFT's saved layout, fp32 by
+  default), PEFT's ``adapter_config.json`` and ``magitrain_adapter.json`` (the base's path and digest,
+  step, a SHA-256 per tensor). ``export --merge RUN_DIR OUT_DIR [...]``: full weights with each adapter
+  folded in (``W + alpha/rank B A`` in fp32, then ``--dtype``), read from the base the checkpoint
+  names (refused if its digest changed); any other export of a LoRA run is refused with a hint.
 - ``import SRC_DIR RUN_DIR [--config FILE]``: a MAGI-1-layout release (index + shards, or one
   file; ``.safetensors.zst`` with the ``zstandard`` package) -> a weights-only training
   checkpoint ``RUN_DIR/checkpoints/step_00000000`` that ``ckpt.init_from=RUN_DIR`` or
@@ -266,6 +272,7 @@ def model_card(src: WeightSource, fmt: str, dtype: str, index: dict, files: list
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_PROVENANCE = "magitrain_adapter.json"  # the base (path, digest), step, targets, a SHA-256 per tensor
 PEFT_PREFIX = "base_model.model."  # PEFT saves adapter keys under its wrapper's names
 
 
@@ -340,17 +347,20 @@ def export_lora(src_path: str, out_dir: str, *, step: int | None = None, ema: bo
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
               "target_modules": sorted(target_names(src.config.model.num_layers, lo.targets)),
-              "base_model_name_or_path": base["path"], "revision": None,
-              "magitrain": {"base_sha256": base.get("sha256"), "targets": list(lo.targets), "step": src.step,
-                            "weights": src.which, "adaptable": list(TARGETS)}}
+              "base_model_name_or_path": base["path"], "revision": None}
+    ours = {"base": base, "targets": list(lo.targets), "step": src.step, "weights": src.which,
+            "adaptable": list(TARGETS), "module": "magitrain.model.MagiDiT",
+            "note": "linear_proj is read as a weight by MagiDiT: load with magitrain.lora (or --merge), not by "
+                    "wrapping MagiDiT in peft, for its adapter to apply"}
     tmp = os.path.abspath(out_dir).rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         sums = write_safetensors(os.path.join(tmp, ADAPTER_FILE), info, lambda k: src.read(k[len(PEFT_PREFIX):]),
                                  {"format": "pt"})
-        config["magitrain"]["sha256"] = sums
+        ours["sha256"] = sums
         _write_text(os.path.join(tmp, ADAPTER_CONFIG), json.dumps(config, indent=2) + "\n")
+        _write_text(os.path.join(tmp, ADAPTER_PROVENANCE), json.dumps(ours, indent=2) + "\n")
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)
         os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
@@ -360,7 +370,7 @@ def export_lora(src_path: str, out_dir: str, *, step: int | None = None, ema: bo
         raise
     log(f"exported the LoRA adapter ({len(info)} tensors, {_params(info):,} parameters, rank {lo.rank}, alpha "
         f"{lo.alpha}, {src.which} weights of step {src.step}) from {src.path} to {out_dir}; base: {base['path']}")
-    return {"files": [ADAPTER_FILE, ADAPTER_CONFIG], "tensors": len(info), "step": src.step}
+    return {"files": [ADAPTER_FILE, ADAPTER_CONFIG, ADAPTER_PROVENANCE], "tensors": len(info), "step": src.step}
 
 
 # ------------------------------------------------------------------------------------------

@@ -34,11 +34,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cfg(root, dp, cp, tp, base, run="run"):
+def _cfg(root, dp, cp, tp, base, run="run", world=None):
     path = import_magi1_reference(root) if base == "magi1" else tiny_base(root)
     extra = MAGI1_DATA if base == "magi1" else ["parallel.cp_chunk_size=16"]
     return lora_cfg(path, os.path.join(root, f"{run}_{dp}{cp}{tp}{base}"), *extra, "optim.grad_clip=1e9",
-                    "data.batch_size=4" if dp * cp * tp == 4 else "data.batch_size=2",
+                    f"data.batch_size={4 if (world or dp * cp * tp) == 4 else 2}",  # world: the layout compared with
                     f"parallel.dp={dp}", f"parallel.cp={cp}", f"parallel.tp={tp}")
 
 
@@ -57,7 +57,8 @@ def _compare(root, layouts):
     for layout in layouts:
         dp, cp, tp, base = layout
         if base not in refs or refs[base][0] != dp * cp * tp:
-            refs[base] = (dp * cp * tp, lora_step_grads(_cfg(root, 1, 1, 1, base, run=f"ref{dp * cp * tp}")))
+            refs[base] = (dp * cp * tp, lora_step_grads(_cfg(root, 1, 1, 1, base, run=f"ref{dp * cp * tp}",
+                                                                   world=dp * cp * tp)))
         ref = refs[base][1]
         got = torch.load(os.path.join(root, "%d%d%d%s.pt" % layout), weights_only=True)
         assert got.keys() == ref.keys(), layout
