@@ -1,5 +1,6 @@
 """Validation during training (magitrain/validation.py): the fixed-t held-out losses of a run and of
-its resumed twin are identical (same machine: bitwise), they change when the weights do, and the
+its resumed twin are identical (same machine: bitwise), so are those of a run validating every step
+(nothing but the weights moves them), they change when the weights do, and the
 streamed samples reach run.dir/samples and TensorBoard (read back from the event file)."""
 
 import glob
@@ -29,6 +30,10 @@ def test_fixed_t_losses_equal_for_resumed_twin(tmp_path):
     assert set(straight[4]) == names
     assert twin == straight  # bitwise: same machine, same weights, fixed data and noise
     assert straight[2]["val_loss"] != straight[4]["val_loss"]  # it measures the weights
+    # validating more often changes nothing: the figures depend on the weights only (no shared RNG draws)
+    often = tiny_config(tmp_path / "often", *EVAL, "train.steps=2", "eval.every=1")
+    train(often)
+    assert _val(often.run.dir)[2] == straight[2]
 
 
 def test_samples_reach_tensorboard(tmp_path):
