@@ -76,6 +76,7 @@ class LoraConfig:
     alpha: float = 16.0  # the delta is scaled by alpha / rank (PEFT's convention)
     # MAGI-1 module names inside each layer, matched by dotted components (linear_qkv = its q, qx, k, v)
     targets: list = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    base_dtype: str = "fp32"  # fp32 | bf16: the frozen base stored in bf16 (half its memory; needs train.dtype=bf16)
 
 
 @dataclass
@@ -376,6 +377,9 @@ def validate_lora(cfg: Config) -> None:
         selected(TARGETS, lo.targets)
     except LoraError as e:
         raise ConfigError(str(e)) from None
+    _choice("model.lora.base_dtype", lo.base_dtype, ("fp32", "bf16"))
+    if lo.base_dtype == "bf16" and cfg.train.dtype != "bf16":
+        raise ConfigError("model.lora.base_dtype=bf16 needs train.dtype=bf16 (the base's matmuls run under bf16 autocast)")
     if not cfg.ckpt.init_from:
         raise ConfigError("model.lora.rank > 0 needs ckpt.init_from (the frozen base the adapters train on; "
                           "its path and checksum go into every checkpoint)")

@@ -169,7 +169,8 @@ def _merged_weight_view(mod: nn.Linear, base_view):
         elif plan.split == 0:
             a = _SumGrad.apply(a, plan.group)
         w = base_view(w) if base_view is not None else w
-        return w + (b @ a).to(w.dtype) * plan.scale
+        dt = torch.promote_types(w.dtype, torch.float32)  # a bf16 base: the sum in fp32 (the model reads it so)
+        return w.to(dt) + (b @ a).to(dt) * plan.scale
     return view
 
 

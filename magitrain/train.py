@@ -253,6 +253,10 @@ def _train_locked(cfg: Config, env: ParallelEnv) -> dict:
     if lora.rank:  # the frozen base is loaded on resume too: a LoRA checkpoint holds only the adapters
         base_path = init_path or cfg.ckpt.init_from
         load_init(model, base_path)
+        if lora.base_dtype == "bf16":  # frozen: no fp32 master copy needed; the adapters are added in fp32
+            for p in model.parameters():
+                if p.dim() >= 2:  # the matrices (all but ~0.1% of the weights); norms and biases stay fp32
+                    p.data = p.data.to(torch.bfloat16)
         base_ref = BaseReference(base_fingerprint(base_path), lora.rank, lora.alpha, lora.targets)
     elif init_path:
         load_init(model, init_path)
