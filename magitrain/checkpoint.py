@@ -236,7 +236,7 @@ def _write_json(path: str, obj) -> None:
 class ModelState:
     """The model's state dict by parameter name, sharded as the model is (FSDP2/TP DTensors).
     ``trainable_only``: only parameters with ``requires_grad`` (a LoRA run's adapters; the frozen base
-    is referenced, not stored: see :class:`magitrain.lora.BaseReference`)."""
+    is referenced, not stored: see :class:`magitrain.lora_base.BaseReference`)."""
 
     def __init__(self, model: torch.nn.Module, trainable_only: bool = False):
         self.model, self.trainable_only = model, trainable_only

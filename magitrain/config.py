@@ -68,6 +68,19 @@ class ModelConfig:
     lora: "LoraConfig" = field(default_factory=lambda: LoraConfig())  # rank 0: full fine-tuning (no adapters)
 
 
+# the base Linears of a transformer layer that may carry a LoRA adapter (magitrain/lora.py), by their names
+LORA_TARGETS = ("self_attention.linear_qkv.q", "self_attention.linear_qkv.qx", "self_attention.linear_qkv.k",
+                "self_attention.linear_qkv.v", "self_attention.linear_kv_xattn", "self_attention.linear_proj",
+                "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+def lora_target_matches(name: str, target: str) -> bool:
+    """``target``'s dotted components appear as a contiguous run in ``name``'s (``linear_qkv`` matches
+    ``self_attention.linear_qkv.q``; ``linear_qkv.q`` matches only that one)."""
+    parts, want = name.split("."), target.split(".")
+    return any(parts[i:i + len(want)] == want for i in range(len(parts) - len(want) + 1))
+
+
 @dataclass
 class LoraConfig:
     """LoRA adapters (magitrain/lora.py): base weights frozen, only ``lora_A`` / ``lora_B`` train."""
@@ -366,17 +379,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
 def validate_lora(cfg: Config) -> None:
     """Config checks for ``model.lora.rank > 0`` (the adapters themselves are magitrain/lora.py)."""
-    from magitrain.lora import LoraError, selected, TARGETS
-
     lo = cfg.model.lora
     _positive("model.lora.rank", lo.rank)
     _positive("model.lora.alpha", lo.alpha)
     if not isinstance(lo.targets, list) or not lo.targets or not all(isinstance(t, str) and t for t in lo.targets):
         raise ConfigError(f"model.lora.targets={lo.targets!r} must be a non-empty list of module names")
-    try:
-        selected(TARGETS, lo.targets)
-    except LoraError as e:
-        raise ConfigError(str(e)) from None
+    unknown = [t for t in lo.targets if not any(lora_target_matches(n, t) for n in LORA_TARGETS)]
+    if unknown:
+        raise ConfigError(f"model.lora.targets: {unknown[0]!r} names no adaptable module; choose from "
+                          f"{', '.join(sorted({n.split('.')[-1] for n in LORA_TARGETS} | {'linear_qkv'}))}")
     _choice("model.lora.base_dtype", lo.base_dtype, ("fp32", "bf16"))
     if lo.base_dtype == "bf16" and cfg.train.dtype != "bf16":
         raise ConfigError("model.lora.base_dtype=bf16 needs train.dtype=bf16 (the base's matmuls run under bf16 autocast)")

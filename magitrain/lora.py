@@ -41,22 +41,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
-# per layer: the base Linears an adapter may go on, by their name inside a TransformerLayer
-TARGETS = ("self_attention.linear_qkv.q", "self_attention.linear_qkv.qx", "self_attention.linear_qkv.k",
-           "self_attention.linear_qkv.v", "self_attention.linear_kv_xattn", "self_attention.linear_proj",
-           "mlp.linear_fc1", "mlp.linear_fc2")
+from magitrain.config import LORA_TARGETS as TARGETS  # the adaptable base Linears of a layer, by name
+from magitrain.config import lora_target_matches as matches
+
 WEIGHT_READ = ("self_attention.linear_proj",)  # read as a weight by the model, not called
 ADAPTER_KEYS = ("lora_A.weight", "lora_B.weight")
 
 
 class LoraError(ValueError):
     """A LoRA setting or adapter file that cannot be used; the message names it."""
-
-
-def matches(name: str, target: str) -> bool:
-    """``target``'s dotted components appear as a contiguous run at the end of, or inside, ``name``'s."""
-    parts, want = name.split("."), target.split(".")
-    return any(parts[i:i + len(want)] == want for i in range(len(parts) - len(want) + 1))
 
 
 def selected(layer_names, targets) -> list[str]:
@@ -243,45 +236,6 @@ def trainable_count(model: nn.Module) -> tuple[int, int]:
     n = [p.numel() for p in model.parameters()]
     t = [p.numel() for p in model.parameters() if p.requires_grad]
     return sum(t), sum(n)
-
-
-# --- the frozen base a LoRA checkpoint refers to ---------------------------------------------------
-
-def base_fingerprint(path: str) -> dict:
-    """``{"path", "sha256"}`` of the base weights at ``path`` (run dir, checkpoint or release folder):
-    a checkpoint's digest is its ``COMPLETE`` marker's SHA-256 (the marker holds every file's checksum),
-    a release's that of its index (which holds a SHA-256 per tensor in our exports) or single file."""
-    import os
-
-    from magitrain.checkpoint import MARKER, sha256_file
-    from magitrain.weights import INDEX, SINGLE, is_release, resolve_checkpoint
-
-    if is_release(path):
-        for name in (INDEX, SINGLE, SINGLE + ".zst"):
-            f = os.path.join(path, name)
-            if os.path.exists(f):
-                return {"path": os.path.abspath(path), "sha256": sha256_file(f), "file": name}
-    folder = resolve_checkpoint(path)
-    return {"path": os.path.abspath(folder), "sha256": sha256_file(os.path.join(folder, MARKER)), "file": MARKER}
-
-
-class BaseReference:
-    """The checkpoint entry ``lora_base``: where the frozen base came from and its digest. Loading
-    refuses a checkpoint whose base is not the one this run loaded (a LoRA checkpoint holds only the
-    adapters: on another base they mean something else)."""
-
-    def __init__(self, fingerprint: dict, rank: int, alpha: float, targets):
-        self.fingerprint = dict(fingerprint)
-        self.adapter = {"rank": int(rank), "alpha": float(alpha), "targets": list(targets)}
-
-    def state_dict(self) -> dict:
-        return {**self.fingerprint, **self.adapter}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("sha256") != self.fingerprint["sha256"]:
-            raise LoraError(f"the checkpoint's adapters were trained on the base {state.get('path')} "
-                            f"(sha256 {state.get('sha256', '?')[:16]}...), but this run loaded {self.fingerprint['path']} "
-                            f"(sha256 {self.fingerprint['sha256'][:16]}...); set ckpt.init_from to the original base")
 
 
 def target_names(num_layers: int, targets) -> list[str]:

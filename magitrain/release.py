@@ -297,7 +297,8 @@ class MergedLoraSource(WeightSource):
     digest must still match) with ``alpha / rank * B @ A`` added in fp32 where an adapter exists."""
 
     def __init__(self, lora_src: WeightSource):
-        from magitrain.lora import base_fingerprint, base_name
+        from magitrain.lora import base_name
+        from magitrain.lora_base import base_fingerprint
 
         adapters, ref = _lora_parts(lora_src)
         now = base_fingerprint(ref["path"])

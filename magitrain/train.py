@@ -31,7 +31,8 @@ from magitrain.data import build_data_source
 from magitrain.diffusion import NoisedBatch, masked_sq_error, noise_batch
 from magitrain.distill import ShortcutDistillation, load_init
 from magitrain.ema import EMA
-from magitrain.lora import BaseReference, apply_lora, base_fingerprint
+from magitrain.lora import apply_lora
+from magitrain.lora_base import BaseReference, base_fingerprint
 from magitrain.validation import Validator
 from magitrain.metrics import MetricsLogger, open_wandb
 from magitrain.data_pipeline.dataset import BadDataError

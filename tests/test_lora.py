@@ -104,7 +104,7 @@ def lora_run(base, tmp_path_factory):
 
 def test_checkpoint_holds_adapters_and_base_reference(lora_run, base, tmp_path):
     from magitrain.checkpoint import Checkpointer, CheckpointError
-    from magitrain.lora import base_fingerprint
+    from magitrain.lora_base import base_fingerprint
 
     cfg, _ = lora_run
     state = Checkpointer.load(Checkpointer(cfg.run.dir).latest())
