@@ -115,6 +115,7 @@ def test_checkpoint_holds_adapters_and_base_reference(lora_run, base, tmp_path):
         _train(lora_cfg(other, cfg.run.dir, *MAGI1_DATA, "train.steps=4", "ckpt.resume=auto", "optim.ema_decay=0"))
 
 
+@pytest.mark.slow
 def test_resumed_lora_run_equals_uninterrupted(lora_run, base, tmp_path):
     cfg, straight = lora_run
     twin = str(tmp_path / "twin")
@@ -173,6 +174,7 @@ def test_merge_export_forward_equals_lora_forward(lora_run, tmp_path):
     assert same <= 1e-6 and skipped > 1e-4
 
 
+@pytest.mark.slow
 def test_bf16_base_trains_like_fp32_base(lora_run, base, tmp_path):
     """model.lora.base_dtype=bf16 halves the frozen base's memory; the losses stay within bf16 rounding."""
     cfg, fp32 = lora_run
@@ -181,3 +183,16 @@ def test_bf16_base_trains_like_fp32_base(lora_run, base, tmp_path):
     rel = max(abs(bf16[s] - fp32[s]) / fp32[s] for s in fp32)
     print(f"bf16 base vs fp32 base: max loss rel diff {rel:.2e}")
     assert sorted(bf16) == sorted(fp32) and 0 < rel < 1e-2
+
+
+def test_bad_lora_config_is_one_line_error(base, tmp_path):
+    from magitrain.config import ConfigError
+    from magitrain.release import main
+
+    with pytest.raises(ConfigError, match="names no adaptable module"):
+        lora_cfg(base, str(tmp_path), "model.lora.targets=[linear_qkvv]")
+    with pytest.raises(ConfigError, match="needs ckpt.init_from"):
+        lora_cfg(base, str(tmp_path), "ckpt.init_from=''")
+    with pytest.raises(ConfigError, match="needs train.dtype=bf16"):
+        lora_cfg(base, str(tmp_path), "model.lora.base_dtype=bf16")
+    assert main(["export", "--lora", base, str(tmp_path / "out")]) == 2  # not a LoRA run: one-line error, exit 2

@@ -3,8 +3,8 @@ step 1's adapter gradients (unclipped; step 1, since step 0's zero B leaves ever
 
 The MAGI-1 tiny reference (imported with ``release import``) has one KV head, which TP cannot split
 (``parallel.tp`` must divide ``num_kv_heads``), so TP runs on configs/tiny.yaml's model (2 KV heads,
-random base weights) and DP / CP on the MAGI-1 reference. Fast suite: a 2-rank spawn runs tp=2
-(tiny); slow suite: dp=2 and cp=2 (MAGI-1) in a 2-rank spawn. Slow suite too: one 4-rank spawn runs dp=2 x tp=2 and cp=2 x tp=2
+random base weights) and DP / CP on the MAGI-1 reference. Slow suite (the CI budget): a 2-rank
+spawn runs tp=2 (tiny), another dp=2 and cp=2 (MAGI-1). Slow suite too: one 4-rank spawn runs dp=2 x tp=2 and cp=2 x tp=2
 (tiny) and dp=2 x cp=2 (MAGI-1): every pair of axes composed (8 gloo ranks for dp x cp x tp at once
 do not fit 2 cores). Tolerances as tests/test_parallel_layouts.py: the layouts change only the
 summation order (measured below 1e-6): losses 2e-5 relative, gradients 1e-5 of their largest entry.
@@ -71,6 +71,7 @@ def _compare(root, layouts):
         assert rel <= LOSS_RTOL and err <= GRAD_TOL, (layout, rel, err)
 
 
+@pytest.mark.slow
 def test_lora_tp2_matches_single_process(tmp_path):
     root = str(tmp_path)
     import_magi1_reference(root), tiny_base(root)  # once, before the ranks start
