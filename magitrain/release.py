@@ -226,6 +226,10 @@ def model_card(src: WeightSource, fmt: str, dtype: str, index: dict, files: list
             "release": "weights of an imported release"}[src.which]
     if src.imported_from:
         what = f"imported unchanged from the release `{src.imported_from}` (not trained by magitrain)"
+    if isinstance(src, MergedLoraSource):
+        lo = src.lora_config
+        what = (f"the base `{src.base.path}` with the LoRA adapter (rank {lo.rank}, alpha {lo.alpha}, "
+                f"{what.split(' (')[0].lower()}) folded in")
     if d.curriculum:
         data = "; ".join(f"{s.name}: until step {s.until_step or 'end'}, seq_tokens {s.seq_tokens or d.seq_tokens}"
                          f"{', shards ' + ' + '.join(shard_specs(s.shards)) if s.shards else ''}" for s in d.curriculum)
@@ -307,10 +311,15 @@ class MergedLoraSource(WeightSource):
                                f"the checkpoint recorded {str(ref.get('sha256'))[:16]}...)")
         self.lora, self.base = lora_src, open_weights(ref["path"])
         self.base.check_against_config()
-        self.path, self.config, self.which, self.step = lora_src.path, lora_src.config, lora_src.which, lora_src.step
+        import copy
+
+        self.path, self.which, self.step = lora_src.path, lora_src.which, lora_src.step
+        self.config = copy.deepcopy(lora_src.config)  # what the merged weights are: a plain model
+        self.config.model.lora.rank = 0
         self.trainer, self.imported_from = lora_src.trainer, None
         self.info = dict(self.base.info)
-        lo = self.config.model.lora
+        lo = lora_src.config.model.lora
+        self.lora_config = lo
         self.scale = lo.alpha / lo.rank
         self.pairs = {}
         for key in adapters:
