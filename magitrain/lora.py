@@ -41,8 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
-from magitrain.config import LORA_TARGETS as TARGETS  # the adaptable base Linears of a layer, by name
-from magitrain.config import lora_target_matches as matches
+from magitrain.config import LORA_TARGETS, lora_target_matches
+
+TARGETS = LORA_TARGETS  # the adaptable base Linears of a layer, by their names in a TransformerLayer
+matches = lora_target_matches
 
 WEIGHT_READ = ("self_attention.linear_proj",)  # read as a weight by the model, not called
 ADAPTER_KEYS = ("lora_A.weight", "lora_B.weight")

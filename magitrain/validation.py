@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
 from contextlib import nullcontext
-from typing import Iterator
 
 import torch
 
@@ -119,7 +119,10 @@ class Validator:
         if plain is None:
             return []
         from magitrain.contact_sheet import contact_sheet, write_contact_sheet
-        from magitrain.data_pipeline.encoders import build_latent_encoder, build_text_encoder
+        from magitrain.data_pipeline.encoders import (
+            build_latent_encoder,
+            build_text_encoder,
+        )
         from magitrain.generate import Mp4Stream
 
         m, d, e = self.cfg.model, self.cfg.data, self.cfg.eval
@@ -154,7 +157,10 @@ class Validator:
 def gathered_model(model, cfg: Config, env):
     """An unsharded, single-process copy of the training ``model`` on rank 0 (None on the others);
     collective. LoRA adapters are re-applied to the copy, so it computes what the model computes."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     from magitrain.lora import apply_lora
     from magitrain.model import MagiDiT

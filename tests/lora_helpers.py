@@ -5,7 +5,6 @@ import os
 import shutil
 
 import torch
-
 from conftest import REPO, SHARED
 
 REF = os.path.join(SHARED, "data", "magi1_tiny_reference")
@@ -57,10 +56,11 @@ def lora_cfg(base: str, run_dir: str, *overrides):
 
 
 def build_lora_model(cfg, env):
+    from magitrain.parallel.parallelize import parallelize_model
+
     from magitrain.distill import load_init
     from magitrain.lora import apply_lora
     from magitrain.model import MagiDiT
-    from magitrain.parallel.parallelize import parallelize_model
 
     torch.manual_seed(cfg.train.seed)
     model = MagiDiT(cfg.model).to(env.device)
@@ -72,16 +72,16 @@ def build_lora_model(cfg, env):
 
 def lora_step_grads(cfg) -> dict:
     """Step 0's and step 1's losses and step 1's adapter gradients (unclipped: pass a huge optim.grad_clip)."""
+    from magitrain.parallel.mesh import init_parallel
     from torch.distributed.tensor import DTensor
 
     from magitrain.data import build_data_source
-    from magitrain.parallel.mesh import init_parallel
     from magitrain.train import build_optimizer, train_step
 
     env = init_parallel(cfg)
     model = build_lora_model(cfg, env)
     data = build_data_source(cfg, env.dp_rank, env.dp)
-    micro = lambda: [data.next_batch() for _ in range(cfg.train.grad_accum)]  # noqa: E731
+    micro = lambda: [data.next_batch() for _ in range(cfg.train.grad_accum)]
     out0 = train_step(model, micro(), cfg, env, 0, build_optimizer(model, cfg))
     grads = {}
 

@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-
 from lora_helpers import MAGI1_DATA, REF, import_magi1_reference, lora_cfg
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(REF), reason="MAGI-1 tiny reference data not present")
@@ -26,7 +25,7 @@ def _inputs(cfg):
 
     batch = build_data_source(cfg).next_batch()
     nb = noise_batch(batch, cfg.diffusion, 0, 0)
-    return (nb.x_t, nb.t, batch.text_emb, batch.text_mask, batch.layout), dict(text_null=nb.text_null)
+    return (nb.x_t, nb.t, batch.text_emb, batch.text_mask, batch.layout), {"text_null": nb.text_null}
 
 
 def _model(cfg, adapters: bool):
@@ -57,13 +56,13 @@ def test_zero_b_is_bitwise_the_base(base, tmp_path):
 
 
 def _optimizer_bytes(cfg):
-    from magitrain.parallel.mesh import init_parallel
-    from magitrain.train import build_optimizer, train_step
-
     from lora_helpers import build_lora_model
+    from magitrain.parallel.mesh import init_parallel
+
     from magitrain.data import build_data_source
     from magitrain.distill import load_init
     from magitrain.model import MagiDiT
+    from magitrain.train import build_optimizer, train_step
 
     env = init_parallel(cfg)
     if cfg.model.lora.rank:
@@ -117,7 +116,7 @@ def test_checkpoint_holds_adapters_and_base_reference(lora_run, base, tmp_path):
 
 @pytest.mark.slow
 def test_resumed_lora_run_equals_uninterrupted(lora_run, base, tmp_path):
-    cfg, straight = lora_run
+    _, straight = lora_run
     twin = str(tmp_path / "twin")
     _train(lora_cfg(base, twin, *MAGI1_DATA, "train.steps=3", "train.stop_at=1", "optim.ema_decay=0"))
     resumed = _train(lora_cfg(base, twin, *MAGI1_DATA, "train.steps=3", "ckpt.resume=auto", "optim.ema_decay=0"))
@@ -177,7 +176,7 @@ def test_merge_export_forward_equals_lora_forward(lora_run, tmp_path):
 @pytest.mark.slow
 def test_bf16_base_trains_like_fp32_base(lora_run, base, tmp_path):
     """model.lora.base_dtype=bf16 halves the frozen base's memory; the losses stay within bf16 rounding."""
-    cfg, fp32 = lora_run
+    _, fp32 = lora_run
     bf16 = _train(lora_cfg(base, str(tmp_path / "bf16"), *MAGI1_DATA, "train.steps=3", "optim.ema_decay=0",
                            "model.lora.base_dtype=bf16", "train.dtype=bf16"))
     rel = max(abs(bf16[s] - fp32[s]) / fp32[s] for s in fp32)

@@ -16,8 +16,14 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from lora_helpers import MAGI1_DATA, REF, import_magi1_reference, lora_cfg, lora_step_grads, tiny_base
+from lora_helpers import (
+    MAGI1_DATA,
+    REF,
+    import_magi1_reference,
+    lora_cfg,
+    lora_step_grads,
+    tiny_base,
+)
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(REF), reason="MAGI-1 tiny reference data not present")
 
