@@ -235,18 +235,24 @@ def _write_json(path: str, obj) -> None:
 # ------------------------------------------------------------------------------------------
 
 class ModelState:
-    """The model's state dict by parameter name, sharded as the model is (FSDP2/TP DTensors)."""
+    """The model's state dict by parameter name, sharded as the model is (FSDP2/TP DTensors).
+    ``trainable_only``: only parameters with ``requires_grad`` (a LoRA run's adapters; the frozen base
+    is referenced, not stored: see :class:`magitrain.lora_base.BaseReference`)."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, trainable_only: bool = False):
+        self.model, self.trainable_only = model, trainable_only
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        return StateDictOptions(ignore_frozen_params=True, strict=False) if self.trainable_only else None
 
     def state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        return get_model_state_dict(self.model)
+        return get_model_state_dict(self.model, options=self._options())
 
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
-        set_model_state_dict(self.model, state)
+        set_model_state_dict(self.model, state, options=self._options())
 
 
 class OptimizerState:

@@ -65,6 +65,31 @@ class ModelConfig:
     # weights); zero_init = its own embedder whose last layer starts at zero (a base checkpoint starts unchanged)
     step_size_embedder: str = "magi1"
     init_std: float = 0.02
+    lora: "LoraConfig" = field(default_factory=lambda: LoraConfig())  # rank 0: full fine-tuning (no adapters)
+
+
+# the base Linears of a transformer layer that may carry a LoRA adapter (magitrain/lora.py), by their names
+LORA_TARGETS = ("self_attention.linear_qkv.q", "self_attention.linear_qkv.qx", "self_attention.linear_qkv.k",
+                "self_attention.linear_qkv.v", "self_attention.linear_kv_xattn", "self_attention.linear_proj",
+                "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+def lora_target_matches(name: str, target: str) -> bool:
+    """``target``'s dotted components appear as a contiguous run in ``name``'s (``linear_qkv`` matches
+    ``self_attention.linear_qkv.q``; ``linear_qkv.q`` matches only that one)."""
+    parts, want = name.split("."), target.split(".")
+    return any(parts[i:i + len(want)] == want for i in range(len(parts) - len(want) + 1))
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (magitrain/lora.py): base weights frozen, only ``lora_A`` / ``lora_B`` train."""
+
+    rank: int = 0  # 0: off
+    alpha: float = 16.0  # the delta is scaled by alpha / rank (PEFT's convention)
+    # MAGI-1 module names inside each layer, matched by dotted components (linear_qkv = its q, qx, k, v)
+    targets: list = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    base_dtype: str = "fp32"  # fp32 | bf16: the frozen base stored in bf16 (half its memory; needs train.dtype=bf16)
 
 
 @dataclass
@@ -208,6 +233,25 @@ class DistillConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Validation during training (magitrain/validation.py): fixed-t flow-matching loss on held-out data,
+    and streamed samples of fixed captions."""
+
+    every: int = 0  # run the fixed-t validation loss every this many steps (0: never)
+    shards: Any = ""  # held-out shard spec (as data.shards); '' : synthetic clips from a seed no training step uses
+    batches: int = 2  # held-out packed sequences (read once at start; the same every time)
+    t_values: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # metrics val_loss_t<t>
+    seed: int = 1234  # noise seed of the validation loss (fixed: comparable across runs and resumes)
+    video_every: int = 0  # stream a sample per caption every this many steps (0: never)
+    captions: list = field(default_factory=list)  # fixed captions of the samples (empty: no samples)
+    sample_chunks: int = 2
+    sample_steps: int = 8
+    sample_window: int = 2
+    cfg_scale: float = 1.0
+    sample_seed: int = 0
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -219,6 +263,7 @@ class Config:
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     log: LogConfig = field(default_factory=LogConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _choice(key: str, value: Any, allowed) -> None:
@@ -329,6 +374,48 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("log.wandb=true needs the wandb package: pip install -e \".[wandb]\" (or log.wandb=false)")
     if cfg.distill.enabled:
         validate_distill(cfg)
+    if m.lora.rank:
+        validate_lora(cfg)
+    validate_eval(cfg)
+
+
+def validate_lora(cfg: Config) -> None:
+    """Config checks for ``model.lora.rank > 0`` (the adapters themselves are magitrain/lora.py)."""
+    lo = cfg.model.lora
+    _positive("model.lora.rank", lo.rank)
+    _positive("model.lora.alpha", lo.alpha)
+    if not isinstance(lo.targets, list) or not lo.targets or not all(isinstance(t, str) and t for t in lo.targets):
+        raise ConfigError(f"model.lora.targets={lo.targets!r} must be a non-empty list of module names")
+    unknown = [t for t in lo.targets if not any(lora_target_matches(n, t) for n in LORA_TARGETS)]
+    if unknown:
+        raise ConfigError(f"model.lora.targets: {unknown[0]!r} names no adaptable module; choose from "
+                          f"{', '.join(sorted({n.split('.')[-1] for n in LORA_TARGETS} | {'linear_qkv'}))}")
+    _choice("model.lora.base_dtype", lo.base_dtype, ("fp32", "bf16"))
+    if lo.base_dtype == "bf16" and cfg.train.dtype != "bf16":
+        raise ConfigError("model.lora.base_dtype=bf16 needs train.dtype=bf16 (the base's matmuls run under bf16 autocast)")
+    if not cfg.ckpt.init_from:
+        raise ConfigError("model.lora.rank > 0 needs ckpt.init_from (the frozen base the adapters train on; "
+                          "its path and checksum go into every checkpoint)")
+    if cfg.parallel.dp_engine == "deepspeed":
+        raise ConfigError("model.lora with parallel.dp_engine=deepspeed is not supported; use fsdp2")
+    if cfg.distill.enabled:
+        raise ConfigError("model.lora with distill.enabled is not supported")
+
+
+def validate_eval(cfg: Config) -> None:
+    e = cfg.eval
+    for key in ("every", "video_every"):
+        _positive(f"eval.{key}", getattr(e, key), zero_ok=True)
+    _positive("eval.batches", e.batches)
+    _check_shards("eval.shards", e.shards)
+    if not e.t_values or not all(isinstance(t, (int, float)) and 0.0 <= t <= 1.0 for t in e.t_values):
+        raise ConfigError(f"eval.t_values={list(e.t_values)} must be a non-empty list of numbers in [0, 1]")
+    if not all(isinstance(c, str) for c in e.captions):
+        raise ConfigError("eval.captions must be a list of strings")
+    for key in ("sample_chunks", "sample_steps", "sample_window"):
+        _positive(f"eval.{key}", getattr(e, key))
+    if e.sample_steps % e.sample_window:
+        raise ConfigError(f"eval.sample_window={e.sample_window} must divide eval.sample_steps={e.sample_steps}")
 
 
 def validate_distill(cfg: Config) -> None:

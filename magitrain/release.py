@@ -7,6 +7,12 @@
   (``weight_map``, total size, and a SHA-256 per tensor), the config (``magi1``: MAGI-1's
   ``config.json``; ``magitrain``: our ``config.yaml``) and a model card ``README.md``. The folder
   is written beside OUT_DIR and renamed into place at the end: it is complete or absent.
+- ``export --lora RUN_DIR OUT_DIR``: a LoRA run's adapter alone: ``adapter_model.safetensors`` (keys
+  ``base_model.model.<MAGI-1 module>.lora_A.weight`` / ``.lora_B.weight``, PEFT's saved layout, fp32 by
+  default), PEFT's ``adapter_config.json`` and ``magitrain_adapter.json`` (the base's path and digest,
+  step, a SHA-256 per tensor). ``export --merge RUN_DIR OUT_DIR [...]``: full weights with each adapter
+  folded in (``W + alpha/rank B A`` in fp32, then ``--dtype``), read from the base the checkpoint
+  names (refused if its digest changed); any other export of a LoRA run is refused with a hint.
 - ``import SRC_DIR RUN_DIR [--config FILE]``: a MAGI-1-layout release (index + shards, or one
   file; ``.safetensors.zst`` with the ``zstandard`` package) -> a weights-only training
   checkpoint ``RUN_DIR/checkpoints/step_00000000`` that ``ckpt.init_from=RUN_DIR`` or
@@ -144,9 +150,10 @@ def write_safetensors(path: str, info: dict[str, TensorInfo], read: Callable[[st
 
 def export(src_path: str, out_dir: str, *, step: int | None = None, ema: bool | None = None,
            dtype: str | None = None, fmt: str = "magi1", max_shard_size: int | str = "5GB",
-           log: Callable[[str], None] = print) -> dict:
+           log: Callable[[str], None] = print, merge: bool = False) -> dict:
     """Export the weights at ``src_path`` (run dir or checkpoint folder) as a release in ``out_dir``;
-    returns a summary (files, tensors, bytes, seconds)."""
+    returns a summary (files, tensors, bytes, seconds). ``merge``: a LoRA run's adapters folded into
+    the base weights its checkpoint names (:class:`MergedLoraSource`)."""
     if fmt not in FORMATS:
         raise WeightsError(f"--format={fmt!r}: choose one of {', '.join(FORMATS)}")
     dtype = dtype or DEFAULT_DTYPE[fmt]
@@ -157,6 +164,11 @@ def export(src_path: str, out_dir: str, *, step: int | None = None, ema: bool | 
         raise WeightsError(f"{out_dir}: already exists and is not an empty folder")
     t0 = time.perf_counter()
     src = open_weights(src_path, ema=ema, step=step)
+    if merge:
+        src = MergedLoraSource(src)
+    elif src.config.model.lora.rank:
+        raise WeightsError(f"{src.path}: a LoRA checkpoint holds only the adapters; export with --lora (the adapter) "
+                           "or --merge (full weights with the adapter folded in)")
     order = expected_shapes(src.config.model)
     check_keys(order, {k: v.shape for k, v in src.info.items()}, src.path)
     target = DTYPES[dtype]
@@ -214,6 +226,10 @@ def model_card(src: WeightSource, fmt: str, dtype: str, index: dict, files: list
             "release": "weights of an imported release"}[src.which]
     if src.imported_from:
         what = f"imported unchanged from the release `{src.imported_from}` (not trained by magitrain)"
+    if isinstance(src, MergedLoraSource):
+        lo = src.lora_config
+        what = (f"the base `{src.base.path}` with the LoRA adapter (rank {lo.rank}, alpha {lo.alpha}, "
+                f"{what.split(' (')[0].lower()}) folded in")
     if d.curriculum:
         data = "; ".join(f"{s.name}: until step {s.until_step or 'end'}, seq_tokens {s.seq_tokens or d.seq_tokens}"
                          f"{', shards ' + ' + '.join(shard_specs(s.shards)) if s.shards else ''}" for s in d.curriculum)
@@ -252,6 +268,119 @@ def model_card(src: WeightSource, fmt: str, dtype: str, index: dict, files: list
         "```",
         ""]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# LoRA: the adapter alone (PEFT's layout), or merged into the base
+# ------------------------------------------------------------------------------------------
+
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_PROVENANCE = "magitrain_adapter.json"  # the base (path, digest), step, targets, a SHA-256 per tensor
+PEFT_PREFIX = "base_model.model."  # PEFT saves adapter keys under its wrapper's names
+
+
+def _lora_parts(src: WeightSource) -> tuple[dict, dict]:
+    """``(adapter tensor infos by name, the checkpoint's lora_base entry)`` of a LoRA checkpoint."""
+    from magitrain.lora import is_adapter_key
+
+    if not src.config.model.lora.rank:
+        raise WeightsError(f"{src.path}: not a LoRA run (model.lora.rank=0); export it without --lora/--merge")
+    base = read_json(os.path.join(src.path, "state.json"), WeightsError)["state"].get("lora_base")
+    if not isinstance(base, dict) or "path" not in base:
+        raise WeightsError(f"{src.path}: LoRA checkpoint without its base reference (lora_base)")
+    names = {k: v for k, v in src.info.items() if is_adapter_key(k)}
+    if not names or len(names) != len(src.info):
+        raise WeightsError(f"{src.path}: expected only lora_A/lora_B tensors, got {len(src.info)} tensors, "
+                           f"{len(names)} adapter tensors")
+    return names, base
+
+
+class MergedLoraSource(WeightSource):
+    """Full weights of a LoRA run: each base tensor (read from the base the checkpoint names, whose
+    digest must still match) with ``alpha / rank * B @ A`` added in fp32 where an adapter exists."""
+
+    def __init__(self, lora_src: WeightSource):
+        from magitrain.lora import base_name
+        from magitrain.lora_base import base_fingerprint
+
+        adapters, ref = _lora_parts(lora_src)
+        now = base_fingerprint(ref["path"])
+        if now["sha256"] != ref.get("sha256"):
+            raise WeightsError(f"{ref['path']}: the base changed since training (sha256 {now['sha256'][:16]}..., "
+                               f"the checkpoint recorded {str(ref.get('sha256'))[:16]}...)")
+        self.lora, self.base = lora_src, open_weights(ref["path"])
+        self.base.check_against_config()
+        import copy
+
+        self.path, self.which, self.step = lora_src.path, lora_src.which, lora_src.step
+        self.config = copy.deepcopy(lora_src.config)  # what the merged weights are: a plain model
+        self.config.model.lora.rank = 0
+        self.trainer, self.imported_from = lora_src.trainer, None
+        self.info = dict(self.base.info)
+        lo = lora_src.config.model.lora
+        self.lora_config = lo
+        self.scale = lo.alpha / lo.rank
+        self.pairs = {}
+        for key in adapters:
+            target = base_name(key)
+            if target not in self.info:
+                raise WeightsError(f"{lora_src.path}: adapter '{key}' has no base weight '{target}'")
+            self.pairs.setdefault(target, {})[key.rsplit(".", 2)[1]] = key
+
+    def read(self, name: str) -> torch.Tensor:
+        from magitrain.lora import merged_weight
+
+        w = self.base.read(name)
+        pair = self.pairs.get(name)
+        if pair is None:
+            return w
+        return merged_weight(w, self.lora.read(pair["lora_A"]), self.lora.read(pair["lora_B"]), self.scale)
+
+
+def export_lora(src_path: str, out_dir: str, *, step: int | None = None, ema: bool | None = None,
+                dtype: str = "fp32", log: Callable[[str], None] = print) -> dict:
+    """Write a LoRA run's adapter as ``adapter_model.safetensors`` (keys ``base_model.model.<MAGI-1 module>
+    .lora_A.weight`` / ``.lora_B.weight``, PEFT's saved layout) + ``adapter_config.json`` (PEFT's LoraConfig)."""
+    from magitrain.lora import TARGETS, target_names
+
+    if dtype not in DTYPES:
+        raise WeightsError(f"--dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise WeightsError(f"{out_dir}: already exists and is not an empty folder")
+    src = open_weights(src_path, ema=ema, step=step)
+    adapters, base = _lora_parts(src)
+    lo = src.config.model.lora
+    target = DTYPES[dtype]
+    info = {PEFT_PREFIX + k: TensorInfo(v.shape, target) for k, v in adapters.items()}
+    config = {"peft_type": "LORA", "task_type": None, "r": lo.rank, "lora_alpha": lo.alpha, "lora_dropout": 0.0,
+              "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+              "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+              "target_modules": sorted(target_names(src.config.model.num_layers, lo.targets)),
+              "base_model_name_or_path": base["path"], "revision": None}
+    ours = {"base": base, "targets": list(lo.targets), "step": src.step, "weights": src.which,
+            "adaptable": list(TARGETS), "module": "magitrain.model.MagiDiT",
+            "note": "linear_proj is read as a weight by MagiDiT: load with magitrain.lora (or --merge), not by "
+                    "wrapping MagiDiT in peft, for its adapter to apply"}
+    tmp = os.path.abspath(out_dir).rstrip("/") + ".tmp-export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        sums = write_safetensors(os.path.join(tmp, ADAPTER_FILE), info, lambda k: src.read(k[len(PEFT_PREFIX):]),
+                                 {"format": "pt"})
+        ours["sha256"] = sums
+        _write_text(os.path.join(tmp, ADAPTER_CONFIG), json.dumps(config, indent=2) + "\n")
+        _write_text(os.path.join(tmp, ADAPTER_PROVENANCE), json.dumps(ours, indent=2) + "\n")
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)
+        os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"exported the LoRA adapter ({len(info)} tensors, {_params(info):,} parameters, rank {lo.rank}, alpha "
+        f"{lo.alpha}, {src.which} weights of step {src.step}) from {src.path} to {out_dir}; base: {base['path']}")
+    return {"files": [ADAPTER_FILE, ADAPTER_CONFIG, ADAPTER_PROVENANCE], "tensors": len(info), "step": src.step}
 
 
 # ------------------------------------------------------------------------------------------
@@ -346,6 +475,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 for magi1, fp32 for magitrain")
     e.add_argument("--format", dest="fmt", choices=FORMATS, default="magi1")
     e.add_argument("--max-shard-size", default="5GB")
+    adapter = e.add_mutually_exclusive_group()
+    adapter.add_argument("--lora", action="store_true", help="a LoRA run: write the adapter alone "
+                         "(adapter_model.safetensors + adapter_config.json, PEFT's layout)")
+    adapter.add_argument("--merge", action="store_true", help="a LoRA run: write full weights with the adapter "
+                         "folded in (W + alpha/rank B A), read from the base the checkpoint names")
     i = sub.add_parser("import", help="MAGI-1-layout release -> weights-only training checkpoint")
     i.add_argument("src_dir")
     i.add_argument("run_dir")
@@ -362,9 +496,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed its message
         return int(e.code or 0)
     try:
-        if args.cmd == "export":
+        if args.cmd == "export" and args.lora:
+            export_lora(args.run_dir, args.out_dir, step=args.step, ema=args.ema, dtype=args.dtype or "fp32")
+        elif args.cmd == "export":
             export(args.run_dir, args.out_dir, step=args.step, ema=args.ema, dtype=args.dtype, fmt=args.fmt,
-                   max_shard_size=args.max_shard_size)
+                   max_shard_size=args.max_shard_size, merge=args.merge)
         elif args.cmd == "import":
             import_release(args.src_dir, args.run_dir, args.config)
         else:

@@ -32,6 +32,9 @@ from magitrain.data import build_data_source
 from magitrain.diffusion import NoisedBatch, masked_sq_error, noise_batch
 from magitrain.distill import ShortcutDistillation, load_init
 from magitrain.ema import EMA
+from magitrain.lora import apply_lora
+from magitrain.lora_base import BaseReference, base_fingerprint
+from magitrain.validation import Validator
 from magitrain.metrics import MetricsLogger, open_wandb
 from magitrain.data_pipeline.dataset import BadDataError
 from magitrain.model import MagiDiT
@@ -257,9 +260,20 @@ def _train_locked(cfg: Config, env: ParallelEnv) -> dict:
         changes = _resume_config_changes(resume_path, cfg)
     ckpt.run_id = (Checkpointer.marker(resume_path).get("run_id") if resume_path else None) or uuid.uuid4().hex
     model = MagiDiT(cfg.model).to(env.device)
-    if init_path:
+    lora, base_ref = cfg.model.lora, None
+    if lora.rank:  # the frozen base is loaded on resume too: a LoRA checkpoint holds only the adapters
+        base_path = init_path or cfg.ckpt.init_from
+        load_init(model, base_path)
+        if lora.base_dtype == "bf16":  # frozen: no fp32 master copy needed; the adapters are added in fp32
+            for p in model.parameters():
+                if p.dim() >= 2:  # the matrices (all but ~0.1% of the weights); norms and biases stay fp32
+                    p.data = p.data.to(torch.bfloat16)
+        base_ref = BaseReference(base_fingerprint(base_path), lora.rank, lora.alpha, lora.targets)
+    elif init_path:
         load_init(model, init_path)
-    model = parallelize_model(model, env, cfg)
+    adapters = ((lambda m, tp_mesh: apply_lora(m, lora.rank, lora.alpha, lora.targets, cfg.train.seed, tp_mesh))
+                if lora.rank else None)
+    model = parallelize_model(model, env, cfg, adapters=adapters)
     objective = build_objective(cfg, env)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -270,13 +284,16 @@ def _train_locked(cfg: Config, env: ParallelEnv) -> dict:
     data = build_data_source(cfg, env.dp_rank, env.dp)
     if cfg.parallel.cp_solve_ahead and hasattr(data, "solve_ahead"):  # CP plans solved in the loader workers
         data.solve_ahead = ahead_spec(unwrap(model), block_masks=env.device.type == "cuda")
+    validator = Validator(cfg, env)  # held-out data for eval.every (read once), captions for eval.video_every
     state = TrainState()
 
     def stateful() -> dict:  # the same on every rank (tensors sharded as the model is)
         model_state, optim_state = ((EngineModelState(model), EngineOptimizerState(model, optimizer))
-                                    if is_engine(model) else (ModelState(model), OptimizerState(model, optimizer)))
+                                    if is_engine(model) else (ModelState(model, trainable_only=base_ref is not None),
+                                                              OptimizerState(model, optimizer)))
         return {"model": model_state, "optim": optim_state, "sched": scheduler,
-                "trainer": state, **({"ema": ema} if ema is not None else {})}
+                "trainer": state, **({"ema": ema} if ema is not None else {}),
+                **({"lora_base": base_ref} if base_ref is not None else {})}
 
     def per_rank() -> dict:
         return {"data": data, "rng": RNGState()}
@@ -346,7 +363,13 @@ def _train_locked(cfg: Config, env: ParallelEnv) -> dict:
                 flops = perf.step_flops(params, out["tokens"], area, cfg.model)
                 record.update({"data_time_s": data_time, "attn_area": int(area), "model_flops": flops,
                                "mfu": flops / dt / peak_total, **perf.cp_figures(take_plan_stats(model))})
-                if state.step % cfg.log.every == 0 or state.step == end:
+                val_due, samples_due = validator.due(state.step, end)  # eval.every / eval.video_every
+                if val_due:
+                    record.update(validator.losses(model))
+                if samples_due:
+                    for path in validator.samples(model, state.step, logger.writer):
+                        logger.message(f"sample: {path}")
+                if state.step % cfg.log.every == 0 or state.step == end or val_due:
                     logger.log(record)
                 summary = stages.update(record)  # a line per finished curriculum stage
                 if summary:

@@ -31,8 +31,10 @@ from .mesh import ParallelEnv
 from .tensor_parallel import apply_tensor_parallel, fsdp_shard_placement
 
 
-def parallelize_model(model: nn.Module, env: ParallelEnv, cfg: Config) -> nn.Module:
-    """Return the model ready for this process's place in the mesh (the same object, changed in place)."""
+def parallelize_model(model: nn.Module, env: ParallelEnv, cfg: Config, adapters=None) -> nn.Module:
+    """Return the model ready for this process's place in the mesh (the same object, changed in place).
+    ``adapters(model, tp_mesh or None)``: adds trainable modules (LoRA, magitrain/lora.py) after TP and CP
+    and before FSDP2, so they are placed on the TP mesh like their bases and sharded with them over dp x cp."""
     p = cfg.parallel
     if p.dp_engine not in ("fsdp2", "deepspeed") and env.world_size > 1:
         raise ConfigError(f"parallel.dp_engine={p.dp_engine} is not available in this build; use fsdp2 or deepspeed")
@@ -40,6 +42,8 @@ def parallelize_model(model: nn.Module, env: ParallelEnv, cfg: Config) -> nn.Mod
         apply_tensor_parallel(model, env.submesh("tp"), p.sequence_parallel)
     if env.cp > 1:
         apply_context_parallel(model, env.submesh("cp"), p.cp_chunk_size, p.cp_solver, p.overlap_stages)
+    if adapters is not None:
+        adapters(model, env.submesh("tp") if env.tp > 1 else None)
     apply_compile(model, cfg.train.compile)
     apply_activation_checkpointing(model, p.activation_checkpointing, p.ac_every)
     if env.dp * env.cp > 1 and p.dp_engine == "fsdp2":  # deepspeed: attach_optimizer, once the optimizer exists
