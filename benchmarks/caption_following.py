@@ -1,6 +1,7 @@
 """Caption following: does a trained model's video show what its caption says?
 
     python benchmarks/caption_following.py --run runs/demo/run [--chunks 8] [--out runs/bench_captions]
+    python benchmarks/caption_following.py --run runs/demo/run --chunks 4 --sampler-sweep 7:32 3:32 1:32
 
 Scores, with :mod:`magitrain.caption_score`, per caption field (object present, colour, motion,
 size trend), on the demo's captions (``magitrain.demo.SEEN_CAPTIONS`` and the held-out
@@ -13,7 +14,9 @@ size trend), on the demo's captions (``magitrain.demo.SEEN_CAPTIONS`` and the he
 - the run's EMA model (``--run``) sampled as the demo samples (``magitrain.generate`` with the demo's
   steps, window, guidance), ``--chunks`` chunks per caption.
 
-Prints a Markdown table for benchmarks/README.md and writes ``OUT/results.json``.
+Prints a Markdown table for benchmarks/README.md and writes ``OUT/results.json``. ``--sampler-sweep
+CFG:STEPS[:WINDOW] ...`` scores only the trained run, once per sampler setting (guidance scale, steps,
+window), with the same captions and seeds: the table of docs/design.md, issue 13.
 """
 
 from __future__ import annotations
@@ -69,13 +72,28 @@ def untrained_row(run_dir: str, captions: list[str], chunks: int, out: str) -> d
     return {"untrained model": sample_rows(cfg.run.dir, captions, chunks, os.path.join(out, "untrained_videos"))}
 
 
-def sample_rows(run_dir: str, captions: list[str], chunks: int, out: str):
+def sample_rows(run_dir: str, captions: list[str], chunks: int, out: str, **sampler):
     os.makedirs(out, exist_ok=True)
     scores = []
     for i, caption in enumerate(captions):
-        summary = demo.stream_video(run_dir, caption, os.path.join(out, f"{i}.mp4"), chunks, seed=i + 1)
+        summary = demo.stream_video(run_dir, caption, os.path.join(out, f"{i}.mp4"), chunks, seed=i + 1, **sampler)
         scores.append(demo.score_latents(summary["latents"], caption, 4))
     return mean_score(scores)
+
+
+def sweep(args) -> int:
+    print("| cfg scale | steps | window | seen: present / colour / motion / size | held out: present / motion |\n"
+          "|---|---|---|---|---|")
+    for spec in args.sampler_sweep:
+        parts = spec.split(":")
+        cfg_scale, steps, window = float(parts[0]), int(parts[1]), int(parts[2]) if len(parts) > 2 else 4
+        got = {group: sample_rows(args.run, captions, args.chunks, os.path.join(args.out, f"{spec}_{group}"),
+                                  steps=steps, cfg_scale=cfg_scale, window=window)
+               for group, captions in (("seen", demo.SEEN_CAPTIONS), ("held", demo.HELD_OUT_CAPTIONS))}
+        seen = " / ".join(f"{getattr(got['seen'], k):.0%}" for k in FIELDS)
+        print(f"| {cfg_scale:g} | {steps} | {window} | {seen} | {got['held'].object_present:.0%} / "
+              f"{got['held'].motion:.0%} |", flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -83,8 +101,12 @@ def main(argv=None) -> int:
     p.add_argument("--run", required=True, help="a trained run dir (e.g. the demo's runs/demo/run)")
     p.add_argument("--chunks", type=int, default=demo.GEN_CHUNKS)
     p.add_argument("--out", default="runs/bench_captions")
+    p.add_argument("--sampler-sweep", nargs="+", metavar="CFG:STEPS[:WINDOW]",
+                   help="score the trained run once per sampler setting (default window 4)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.sampler_sweep:
+        return sweep(args)
     rows = {}
     for group, captions in (("seen", demo.SEEN_CAPTIONS), ("held-out", demo.HELD_OUT_CAPTIONS)):
         rows.update({f"{k} [{group}]": v for k, v in clip_rows(captions, min(args.chunks, 4)).items()})

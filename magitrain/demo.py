@@ -1,4 +1,4 @@
-"""``magitrain demo``: procedural clips -> WebDataset shards -> 4-rank curriculum training over all three
+"""``magitrain demo``: procedural clips -> WebDataset shards -> curriculum training over all three
 parallel axes -> streamed videos scored against their captions.
 
     magitrain demo [--out runs/demo] [--quick] [key.sub=value ...]
@@ -12,12 +12,13 @@ parallel axes -> streamed videos scored against their captions.
    (latents ``[4, 8, 4, 4]``) for the low-res stage. (Cropping the full-size latents instead would
    show the model shapes that fill the frame: RoPE positions are normalised to the grid, so a crop
    and a whole frame look alike to it, and the crops taught it to draw frame-filling shapes.)
-3. **training**, on 4 local ranks (NCCL when 4 GPUs are visible, gloo on CPU otherwise), a
-   3-stage curriculum (images -> short low-res clips -> longer clips) in two launches: the images
-   and short clips (one or two chunks: nothing for context parallelism to split) on dp=2 x tp=2
-   (tensor-parallel heads and MLP), then the long clips resumed from that checkpoint, resharded by
-   DCP, on dp=2 x cp=2 (context-parallel MagiAttention on the packed block-causal masks). FSDP2
-   shards parameters over the data-parallel ranks in both.
+3. **training** (NCCL when enough GPUs are visible, gloo on CPU otherwise), a 3-stage curriculum
+   (images -> short low-res clips -> longer clips) in three launches (:func:`training_phases`): the
+   images and short clips (one or two chunks: nothing for context parallelism to split) on 4 ranks as
+   dp=2 x tp=2 (tensor-parallel heads and MLP); the first ``CP_STEPS`` long-clip steps resumed from that
+   checkpoint, resharded by DCP, on dp=2 x cp=2 (context-parallel MagiAttention on the packed
+   block-causal masks); the rest on dp=2 alone, one rank per core (4 ranks of a tiny model on 2 cores
+   mostly wait in collectives). FSDP2 shards parameters over the data-parallel ranks throughout.
 4. **generation and scoring**: the EMA weights stream the demo caption's video (longer than any
    training clip) chunk by chunk into ``demo.mp4`` + a contact sheet ``demo.png``, and a video for
    each caption of ``SEEN_CAPTIONS`` and ``HELD_OUT_CAPTIONS``; :mod:`magitrain.caption_score`
@@ -234,21 +235,21 @@ def stage_lines(run_dir: str) -> list[str]:
 # --- 4. generation and scoring ----------------------------------------------------------------
 
 def generation_args(run_dir: str, caption: str, mp4: str, chunks: int = GEN_CHUNKS, steps: int = GEN_STEPS,
-                    seed: int = 0) -> list[str]:
+                    seed: int = 0, cfg_scale: float = DEMO_CFG_SCALE, window: int = 4) -> list[str]:
     """The ``magitrain.generate`` command line the demo uses (its sampler defaults)."""
     return ["--ckpt", run_dir, "--prompt", caption, "--chunks", str(chunks), "--steps", str(steps),
-            "--window", "4", "--cfg-scale", str(DEMO_CFG_SCALE), "--fps", str(FPS), "--seed", str(seed),
+            "--window", str(window), "--cfg-scale", str(cfg_scale), "--fps", str(FPS), "--seed", str(seed),
             "--out", mp4, "--contact-sheet", os.path.splitext(mp4)[0] + ".png", "--quiet"]
 
 
 def stream_video(run_dir: str, caption: str, mp4: str, chunks: int = GEN_CHUNKS, steps: int = GEN_STEPS,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, cfg_scale: float = DEMO_CFG_SCALE, window: int = 4) -> dict:
     """Stream ``chunks`` chunks for ``caption`` from the run's EMA weights into ``mp4`` (latents into
     ``.npy``, contact sheet into ``.png`` beside it) with ``magitrain.generate``; returns its summary."""
     from magitrain import generate
 
-    return generate.run(generate.build_parser().parse_args(generation_args(run_dir, caption, mp4, chunks, steps,
-                                                                           seed)))
+    return generate.run(generate.build_parser().parse_args(
+        generation_args(run_dir, caption, mp4, chunks, steps, seed, cfg_scale, window)))
 
 
 def score_latents(latents_npy: str, caption: str, channels: int):
