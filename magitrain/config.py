@@ -400,6 +400,9 @@ def validate_lora(cfg: Config) -> None:
         raise ConfigError("model.lora with parallel.dp_engine=deepspeed is not supported; use fsdp2")
     if cfg.distill.enabled:
         raise ConfigError("model.lora with distill.enabled is not supported")
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp > 1:
+        raise ConfigError("model.lora with parallel.sequence_parallel is not supported (the adapters add "
+                          "sequence-replicated outputs); set parallel.sequence_parallel=false")
 
 
 def validate_eval(cfg: Config) -> None:

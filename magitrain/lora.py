@@ -142,11 +142,14 @@ def _lora_delta(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     plan: _Plan = mod._lora_plan
     x = _local(x)
     a, b = _local(mod.lora_A.weight), _local(mod.lora_B.weight)
+    if plan.split == 0:
+        # column parallel: B holds this rank's rows, so the gradient reaching A x is this rank's
+        # part. A's gradient is summed over tp here; x's is summed where the TP region begins
+        # (parallel/tensor_parallel.py sums the input gradient once per region, adapters included)
+        a = _SumGrad.apply(a, plan.group)
     h = F.linear(x.to(a.dtype), a)
     if plan.split == 1:  # row parallel: x and A are column pieces; A x is a partial sum
         h = _Sum.apply(h, plan.group)
-    elif plan.split == 0:  # column parallel: B holds this rank's rows; A's input gradient is partial
-        h = _SumGrad.apply(h, plan.group)
     return F.linear(h, b) * plan.scale
 
 

@@ -179,11 +179,18 @@ def read_params_through(module: nn.Module, names: tuple[str, ...], view, scope: 
 
     Outside that forward the attribute is the parameter itself, so FSDP2, DCP and state dicts
     see the registered parameter under its unchanged name. Done by giving the module a subclass
-    with one property per name (no change to model code). One call per module.
+    with one property per name (no change to model code). A second call on the same module and
+    names replaces the view (LoRA composes its merged weight with TP's local view this way: pass
+    ``module._param_view`` into the new one); other names on a viewed module are refused.
     """
     base = type(module)
     if hasattr(module, "_param_view"):
-        raise ValueError(f"{base.__name__} already reads its parameters through a view")
+        if getattr(module, "_param_view_names", None) != names:
+            raise ValueError(f"{base.__name__} already reads {module._param_view_names} through a view")
+        module._param_view = view
+        object.__setattr__(module, "_param_view_scope", module if scope is None else scope)
+        _count_forwards(module if scope is None else scope)
+        return
     key = (base, names)
     if key not in _VIEW_CLASSES:
         def getter(self, n):
@@ -194,7 +201,13 @@ def read_params_through(module: nn.Module, names: tuple[str, ...], view, scope: 
     scope = module if scope is None else scope
     module.__class__ = _VIEW_CLASSES[key]
     module._param_view = view
+    module._param_view_names = names
     object.__setattr__(module, "_param_view_scope", scope)  # a plain reference, not a submodule
+    _count_forwards(scope)
+
+
+def _count_forwards(scope: nn.Module) -> None:
+    """``scope._in_forward``: how many of its forwards are running (hooks added once)."""
     if not hasattr(scope, "_in_forward"):
         scope._in_forward = 0
         scope.register_forward_pre_hook(_enter)

@@ -1,12 +1,11 @@
 """LoRA under data, context and tensor parallelism against one process: the losses of two steps and
 step 1's adapter gradients (unclipped; step 1, since step 0's zero B leaves every A gradient zero).
 
-The MAGI-1 tiny reference (imported with ``release import``) has one KV head, which TP cannot split
-(``parallel.tp`` must divide ``num_kv_heads``), so TP runs on configs/tiny.yaml's model (2 KV heads,
-random base weights) and DP / CP on the MAGI-1 reference. Slow suite (the CI budget): a 2-rank
-spawn runs tp=2 (tiny), another dp=2 and cp=2 (MAGI-1). Slow suite too: one 4-rank spawn runs dp=2 x tp=2 and cp=2 x tp=2
-(tiny) and dp=2 x cp=2 (MAGI-1): every pair of axes composed (8 gloo ranks for dp x cp x tp at once
-do not fit 2 cores). Tolerances as tests/test_parallel_layouts.py: the layouts change only the
+Layouts (all slow, for the CI budget): tp=2 on configs/tiny.yaml's model (2 KV heads, random base
+weights); dp=2 and cp=2 on the MAGI-1 tiny reference (imported with ``release import``); one 4-rank
+spawn for every pair of axes (dp=2 x tp=2 and cp=2 x tp=2 on tiny, dp=2 x cp=2 on MAGI-1); and one
+8-rank spawn of dp=2 x cp=2 x tp=2 on the MAGI-1 reference, whose single KV head tp=2 replicates.
+Tolerances as tests/test_parallel_layouts.py: the layouts change only the
 summation order (measured below 1e-6): losses 2e-5 relative, gradients 1e-5 of their largest entry.
 """
 
@@ -32,6 +31,7 @@ LOSS_RTOL, GRAD_TOL = 2e-5, 1e-5
 FAST = [(1, 1, 2, "tiny")]
 SLOW2 = [(2, 1, 1, "magi1"), (1, 2, 1, "magi1")]
 SLOW = [(2, 1, 2, "tiny"), (1, 2, 2, "tiny"), (2, 2, 1, "magi1")]
+ALL_AXES = [(2, 2, 2, "magi1")]  # 8 ranks; tp=2 replicates MAGI-1's one KV head (tp > num_kv_heads)
 
 
 def _free_port() -> int:
@@ -99,6 +99,15 @@ def test_lora_four_rank_layouts_match_single_process(tmp_path):
     import_magi1_reference(root), tiny_base(root)
     mp.spawn(_worker, args=(4, _free_port(), root, SLOW), nprocs=4)
     _compare(root, SLOW)
+
+
+@pytest.mark.slow
+def test_lora_dp2_cp2_tp2_on_magi1_matches_single_process(tmp_path):
+    """All three axes at once on the imported MAGI-1 tiny reference: 8 gloo ranks (slow on 2 cores)."""
+    root = str(tmp_path)
+    import_magi1_reference(root)
+    mp.spawn(_worker, args=(8, _free_port(), root, ALL_AXES), nprocs=8)
+    _compare(root, ALL_AXES)
 
 
 VAL = ["train.steps=2", "eval.every=2", "eval.batches=1", "eval.video_every=2", "eval.captions=[a red disk]",
