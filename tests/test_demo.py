@@ -121,7 +121,8 @@ def test_quick_demo_end_to_end(tmp_path):
 
     # 3 curriculum stages, with the per-step figures of the dispatch plan and the MFU estimate
     stages = read_jsonl(run_dir / "stages.jsonl")
-    assert [s["stage"] for s in stages] == ["images", "short", "long"]
+    names = [s["stage"] for s in stages]  # a stage split over two launches has a row per launch
+    assert [n for i, n in enumerate(names) if i == 0 or names[i - 1] != n] == ["images", "short", "long"]
     assert sum(s["steps"] for s in stages) == cfg.train.steps
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, cfg.train.steps + 1))
