@@ -36,12 +36,12 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from magitrain.config import LORA_TARGETS, lora_target_matches
+from magitrain.parallel.tensor_parallel import _SumGradOverGroup, _SumOverGroup
 
 TARGETS = LORA_TARGETS  # the adaptable base Linears of a layer, by their names in a TransformerLayer
 matches = lora_target_matches
@@ -74,35 +74,6 @@ def target_modules(model: nn.Module, targets) -> dict[str, nn.Linear]:
 
 
 # --- TP-aware autograd pieces -------------------------------------------------------------------
-
-class _SumGrad(torch.autograd.Function):
-    """Identity forward; the backward sums the gradient over ``group``."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _Sum(torch.autograd.Function):
-    """Forward sums partial results over ``group``; the backward is the identity."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        out = x.contiguous().clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
@@ -146,10 +117,10 @@ def _lora_delta(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         # column parallel: B holds this rank's rows, so the gradient reaching A x is this rank's
         # part. A's gradient is summed over tp here; x's is summed where the TP region begins
         # (parallel/tensor_parallel.py sums the input gradient once per region, adapters included)
-        a = _SumGrad.apply(a, plan.group)
+        a = _SumGradOverGroup.apply(a, plan.group)
     h = F.linear(x.to(a.dtype), a)
     if plan.split == 1:  # row parallel: x and A are column pieces; A x is a partial sum
-        h = _Sum.apply(h, plan.group)
+        h = _SumOverGroup.apply(h, plan.group)
     return F.linear(h, b) * plan.scale
 
 
@@ -163,9 +134,9 @@ def _merged_weight_view(mod: nn.Linear, base_view):
         plan: _Plan = mod._lora_plan
         a, b = _local(mod.lora_A.weight), _local(mod.lora_B.weight)
         if plan.split == 1:  # W's columns are split: so are A's; B (replicated) sees a partial gradient
-            b = _SumGrad.apply(b, plan.group)
+            b = _SumGradOverGroup.apply(b, plan.group)
         elif plan.split == 0:
-            a = _SumGrad.apply(a, plan.group)
+            a = _SumGradOverGroup.apply(a, plan.group)
         w = base_view(w) if base_view is not None else w
         dt = torch.promote_types(w.dtype, torch.float32)  # a bf16 base: the sum in fp32 (the model reads it so)
         return w.to(dt) + (b @ a).to(dt) * plan.scale
