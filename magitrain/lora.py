@@ -26,6 +26,9 @@ rows (the same DTensor placements, so a reordered layout such as paired gate/up 
 followed too), ``A`` is replicated and its input gradient is summed over TP. Row-parallel base
 (``Shard(1)``): ``A`` is sharded like ``W``'s columns, the rank-``r`` intermediate ``A x`` is
 summed over TP (``r`` values per token), ``B`` is replicated. Replicated base: both replicated.
+A KV weight kept whole on every rank because ``tp > num_kv_heads``, of which each rank computes
+only its query heads' KV rows: both replicated, ``B`` read at those rows, and both gradients summed
+over TP (each rank holds its queries' share), as TP does for the base weight.
 Every replicated adapter matrix receives the same gradient on every TP rank.
 """
 
@@ -98,6 +101,7 @@ class _Plan:
     scale: float
     split: int | None  # the base weight's TP-split dimension
     group: object  # the TP process group (None: no TP)
+    rows: slice | None = None  # a whole base weight of which this rank computes only these rows
 
 
 def _init_A(rank: int, fan_in: int, seed: int, name: str) -> torch.Tensor:
@@ -113,7 +117,13 @@ def _lora_delta(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     plan: _Plan = mod._lora_plan
     x = _local(x)
     a, b = _local(mod.lora_A.weight), _local(mod.lora_B.weight)
-    if plan.split == 0:
+    if plan.rows is not None:
+        # KV weights replicated under TP (tp > num_kv_heads): this rank computes only its query
+        # heads' KV rows, and their gradient is this rank's queries' share: summed over tp, as TP
+        # sums the base weight's
+        a = _SumGradOverGroup.apply(a, plan.group)
+        b = _SumGradOverGroup.apply(b, plan.group)[plan.rows]
+    elif plan.split == 0:
         # column parallel: B holds this rank's rows, so the gradient reaching A x is this rank's
         # part. A's gradient is summed over tp here; x's is summed where the TP region begins
         # (parallel/tensor_parallel.py sums the input gradient once per region, adapters included)
@@ -176,7 +186,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets, seed: int, tp
             if split == 0:
                 b.weight = nn.Parameter(distribute_tensor(b.weight.detach(), mod.weight.device_mesh, b_pl))
         mod.lora_A, mod.lora_B = a, b
-        mod._lora_plan = _Plan(alpha / rank, split, group)
+        rows, rows_group = getattr(mod, "_tp_replicated_rows", (None, None))
+        mod._lora_plan = _Plan(alpha / rank, split, group if rows is None else rows_group, rows)
         if any(name.endswith(w) for w in WEIGHT_READ):
             read_params_through(mod, ("weight",), _merged_weight_view(mod, getattr(mod, "_param_view", None)),
                                 scope=_parent(model, name))

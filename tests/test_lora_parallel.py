@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not os.path.isdir(REF), reason="MAGI-1 tiny refe
 
 LOSS_RTOL, GRAD_TOL = 2e-5, 1e-5
 # (dp, cp, tp, base)
-FAST = [(1, 1, 2, "tiny")]
+FAST = [(1, 1, 2, "tiny"), (1, 1, 2, "magi1")]  # magi1: its one KV head replicated (tp > num_kv_heads)
 SLOW2 = [(2, 1, 1, "magi1"), (1, 2, 1, "magi1")]
 SLOW = [(2, 1, 2, "tiny"), (1, 2, 2, "tiny"), (2, 2, 1, "magi1")]
 ALL_AXES = [(2, 2, 2, "magi1")]  # 8 ranks; tp=2 replicates MAGI-1's one KV head (tp > num_kv_heads)
