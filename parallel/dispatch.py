@@ -704,6 +704,8 @@ def remote_kv_lower_bound(p: ChunkCosts, max_over_mean_area: float | None = None
       ``m``'s start, which the rank cannot hold (and likewise after its highest chunk). The
       ranks' lowest chunks are distinct and lie in ``[0, n - k]``: the ``cp`` smallest
       ``left`` values there bound the sum (same for ``right``).
+    - **gaps**: :func:`gap_lower_bound`, on the problem and its mirror image (it holds for any
+      balance; it is the one that is tight on sliding windows).
     """
     n, cp, k, cs = p.num_chunks, p.cp, p.per_rank, p.chunk_size
     need_len = p.need.astype(np.int64) @ p.seg_len
@@ -732,7 +734,75 @@ def remote_kv_lower_bound(p: ChunkCosts, max_over_mean_area: float | None = None
     right = np.array([int(p.seg_len[p.need[c] & (seg_start >= chunk_start[c] + cs)].sum()) for c in range(n)])
     by_left = int(np.sort(left[: n - k + 1])[:cp].sum())
     by_right = int(np.sort(right[k - 1:])[:cp].sum())
-    return max(by_demand, by_left, by_right)
+    return max(by_demand, by_left, by_right, gap_lower_bound(p), gap_lower_bound(_reversed(p)))
+
+
+def _reversed(p: ChunkCosts) -> ChunkCosts:
+    """The mirror image of the problem (chunk ``c`` becomes ``n - 1 - c``): every plan has the
+    same remote KV in both, so a bound of one is a bound of the other."""
+    n = p.num_chunks
+    return ChunkCosts(p.cp, p.chunk_size, p.areas[::-1].copy(), p.need[::-1, ::-1].copy(), p.seg_len[::-1].copy(),
+                      (n - 1 - p.seg_chunk[::-1]).copy())
+
+
+def gap_charges(p: ChunkCosts) -> np.ndarray:
+    """``h[c, g]`` (``[n, n + 1]`` int64; 0 where ``g > c``): tokens that chunk ``c`` needs among
+    the ``g`` chunks right before it.
+
+    If a rank holds ``c`` but none of those ``g`` chunks, it fetches at least ``h[c, g]`` tokens
+    from them. Non-decreasing in ``g``; ``h[c, 0] == 0``.
+    """
+    n = p.num_chunks
+    first_seg = np.searchsorted(p.seg_chunk, np.arange(n + 1))  # first segment of each chunk (and the end)
+    cum = np.zeros((n, p.need.shape[1] + 1), dtype=np.int64)
+    np.cumsum(p.need * p.seg_len[None, :], axis=1, out=cum[:, 1:])
+    c = np.arange(n)[:, None]
+    lo = np.maximum(c - np.arange(n + 1)[None, :], 0)  # first chunk of the gap (clipped at 0)
+    return cum[c, first_seg[c]] - cum[c, first_seg[lo]]
+
+
+MAX_GAP_BOUND_WORK = 5e7  # n * n * per_rank cells: above this gap_lower_bound returns 0
+
+
+def gap_lower_bound(p: ChunkCosts) -> int:
+    """A lower bound on the total remote KV of ANY plan (whatever its balance), from the gaps
+    before each rank's runs.
+
+    Cut a rank's chunks into maximal runs of consecutive chunks. The chunks between a run and
+    the rank's previous run (for its first run: all chunks before it) are a **gap** the rank does
+    not hold; the first chunk ``c`` of the run fetches at least ``h[c, g]`` tokens from a gap of
+    ``g`` chunks (:func:`gap_charges`), and gaps are disjoint. So a rank whose highest chunk is
+    ``M`` fetches at least ``phi(M)``: the least sum of gap charges over all sets of ``per_rank``
+    chunks with highest chunk ``M`` (an exact DP over the previous held chunk). The ranks'
+    highest chunks are distinct, the ``j``-th smallest is at least ``j * per_rank - 1`` (``j``
+    ranks hold ``j * per_rank`` chunks below it) and the largest is ``n - 1``; the least sum of
+    ``phi`` over such sequences (a second DP) is the bound.
+
+    On a sliding window of ``w`` keys this is ``(cp - 1) * (w - 1)`` once ``per_rank`` chunks
+    span the window: a rank fetching less than ``w - 1`` has gaps of fewer than ``w - 1``
+    tokens in all, so it lies in the first ``per_rank + (w - 1) / chunk_size`` chunks, and two
+    such ranks do not fit there. Costs ``O(n^2 per_rank)``; returns 0 above
+    ``MAX_GAP_BOUND_WORK``.
+    """
+    n, cp, k = p.num_chunks, p.cp, p.per_rank
+    if n == 0 or float(n) * n * k > MAX_GAP_BOUND_WORK:
+        return 0
+    h = gap_charges(p).astype(np.float64)
+    inf = np.inf
+    # runs[c, j - 1]: least gap charges of j held chunks whose highest is c
+    runs = np.full((n, k), inf)
+    runs[:, 0] = h[np.arange(n), np.arange(n)]
+    for c in range(1, n):
+        if k > 1:
+            prev = np.arange(c)  # the previous held chunk c' < c; the gap between has c - c' - 1 chunks
+            runs[c, 1:] = (runs[:c, :-1] + h[c, c - 1 - prev][:, None]).min(axis=0)
+    phi = runs[:, k - 1]
+    # best[M]: least sum of phi over the j smallest highest chunks, the j-th being M
+    best = np.where(np.arange(n) >= k - 1, phi, inf)
+    for j in range(2, cp + 1):
+        reach = np.concatenate([[inf], np.minimum.accumulate(best)[:-1]])  # min over M' < M
+        best = np.where(np.arange(n) >= j * k - 1, phi + reach, inf)
+    return int(best[n - 1]) if np.isfinite(best[n - 1]) else 0
 
 
 SOLVERS = {
