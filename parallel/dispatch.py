@@ -648,45 +648,71 @@ def _run_lengths(per_rank: int) -> list[int]:
     return lengths
 
 
-def _structured(p: ChunkCosts, tolerance: float = 1.05, slack: float = 0.01, rounds: int = 2,
-                max_cells: float = 3e7, coarse_above: int = 128) -> list[list[int]]:
+def _structured(p: ChunkCosts, tolerance: float = 1.05, slack: float = 0.01,
+                rounds: int | tuple[int, ...] = (2, 4), max_cells: float = 3e7,
+                coarse_above: int = 128) -> list[list[int]]:
     """Least total remote KV under a hard balance cap, using the mask's structure.
 
     The cap is :func:`balance_cap` (``max(tolerance, area_greedy + slack)``). Starts: the
     contiguous split (whole documents and causal prefixes together), zigzag (the balanced
     contiguous pairs) and the locality greedy; above ``coarse_above`` chunks instead the
-    solution of the problem with pairs of chunks fused (recursively). From each start,
-    ``rounds`` times: run swaps (:class:`_RunSwapSearch`, long runs first, so documents and
-    prefixes move as a whole) then single-chunk swaps (:class:`_SwapSearch`). The plan with
-    the least total remote KV (then the least maximum, then the best balance) within the cap wins; if no search ends
-    within the cap, area_greedy's plan (always within it) is returned.
+    solution of the problem with pairs of chunks fused (recursively). Each start is searched
+    once per **schedule** in ``rounds`` (an int is one schedule): ``R`` times run swaps
+    (:class:`_RunSwapSearch`, long runs first, so documents and prefixes move as a whole) then
+    single-chunk swaps (:class:`_SwapSearch`), the start's budget split evenly over the ``2R``
+    searches. The schedules end in different local optima (the searches are greedy), so the
+    best of two is better than either on most masks. Above ``coarse_above`` chunks every
+    level (the fused problems and the polish) uses the first schedule only: there the time
+    goes to the polish at full resolution (1M tokens / cp=32 stays within 1 s of CPU). The plan with the least total remote KV
+    (then the least maximum, then the best balance) within the cap wins; if no search ends
+    within the cap, area_greedy's plan (always within it) is returned. The search stops as soon
+    as a plan within the cap reaches :func:`gap_lower_bound` (it is then optimal; on sliding
+    windows the contiguous start does).
+
+    Work is bounded by ``max_cells`` scored segment cells per schedule, never by wall time,
+    so every rank computes the same plan.
     """
     n, cp = p.num_chunks, p.cp
     if float(p.areas.sum()) == 0:
         return _contiguous(p)
+    schedules = (rounds,) if isinstance(rounds, int) else tuple(rounds)
     mean = float(p.areas.sum()) / cp
     cap = balance_cap(p, tolerance, slack) * mean * (1 + 1e-12)
     lengths = _run_lengths(p.per_rank)
     if n > coarse_above and p.per_rank % 2 == 0:
-        coarse = _structured(_coarsen(p, 2), tolerance, slack, rounds, max_cells / 2, coarse_above)
+        coarse = _structured(_coarsen(p, 2), tolerance, slack, schedules[:1], max_cells / 2, coarse_above)
         starts = [np.repeat(_owner_of(coarse, n // 2), 2)]
         lengths = [1]
         budget = max_cells / 2
+        schedules = schedules[:1]
     else:
         starts = [_owner_of(_contiguous(p), n), _owner_of(_zigzag(p), n), _owner_of(_locality_greedy(p, cap), n)]
         budget = max_cells / len(starts)
-    best = _owner_of(_area_greedy(p), n)
-    area, remote = p.rank_figures(best)
-    best_key = (int(remote.sum()), int(remote.max()), int(area.max()))
-    for owner in starts:
-        per_round = budget / (2 * rounds)
-        for _ in range(rounds):
-            owner = _RunSwapSearch(p, owner, cap).run(lengths, max_cells=per_round)
-            owner = _SwapSearch(p, owner, cap).run(6, per_round)
+    floor = gap_lower_bound(p)  # no plan has less: one that reaches it is optimal
+    best, best_key = None, None
+
+    def offer(owner: np.ndarray) -> bool:
+        """Keep ``owner`` if it is within the cap and better; True once the best is optimal."""
+        nonlocal best, best_key
         area, remote = p.rank_figures(owner)
         key = (int(remote.sum()), int(remote.max()), int(area.max()))
-        if area.max() <= cap and key < best_key:
+        if area.max() <= cap and (best_key is None or key < best_key):
             best, best_key = owner, key
+        return best_key is not None and best_key[0] <= floor
+
+    if offer(_owner_of(_area_greedy(p), n)):
+        return _ranks_of(best, cp)
+    for start in starts:
+        if offer(start):
+            return _ranks_of(best, cp)
+        for schedule in schedules:
+            owner = start
+            per_round = budget / (2 * schedule)
+            for _ in range(schedule):
+                owner = _RunSwapSearch(p, owner, cap).run(lengths, max_cells=per_round)
+                owner = _SwapSearch(p, owner, cap).run(6, per_round)
+            if offer(owner):
+                return _ranks_of(best, cp)
     return _ranks_of(best, cp)
 
 
