@@ -732,6 +732,8 @@ def remote_kv_lower_bound(p: ChunkCosts, max_over_mean_area: float | None = None
       ``left`` values there bound the sum (same for ``right``).
     - **gaps**: :func:`gap_lower_bound`, on the problem and its mirror image (it holds for any
       balance; it is the one that is tight on sliding windows).
+    - **sharing**: :func:`sharing_lower_bound` (how many ranks must hold the chunks needing
+      each segment; the one that sees documents split to balance).
     """
     n, cp, k, cs = p.num_chunks, p.cp, p.per_rank, p.chunk_size
     need_len = p.need.astype(np.int64) @ p.seg_len
@@ -760,7 +762,43 @@ def remote_kv_lower_bound(p: ChunkCosts, max_over_mean_area: float | None = None
     right = np.array([int(p.seg_len[p.need[c] & (seg_start >= chunk_start[c] + cs)].sum()) for c in range(n)])
     by_left = int(np.sort(left[: n - k + 1])[:cp].sum())
     by_right = int(np.sort(right[k - 1:])[:cp].sum())
-    return max(by_demand, by_left, by_right, gap_lower_bound(p), gap_lower_bound(_reversed(p)))
+    return max(by_demand, by_left, by_right, gap_lower_bound(p), gap_lower_bound(_reversed(p)),
+               sharing_lower_bound(p, ratio))
+
+
+def sharing_lower_bound(p: ChunkCosts, max_over_mean_area: float) -> int:
+    """A lower bound on the total remote KV of any plan whose balance is at most
+    ``max_over_mean_area``, from how many ranks must share each key segment.
+
+    Let ``N(s)`` be the chunks that need segment ``s``. Every rank holding one of them needs
+    ``s`` and at most one of those ranks holds it, so ``s`` is fetched at least ``m - 1`` times
+    where ``m`` is the number of ranks holding ``N(s)``. ``m`` ranks hold ``m * per_rank``
+    chunks, ``N(s)`` and ``m * per_rank - |N(s)|`` others whose area is at least that of the
+    lightest chunks outside ``N(s)``; all of it within ``m * cap``. The least ``m`` meeting both
+    conditions is a lower bound on the real one. On causal documents ``N(s)`` is the rest of
+    the document above ``s``: the top of a long document needs several ranks to carry its area,
+    so its prefix is fetched several times.
+    """
+    n, cp, k = p.num_chunks, p.cp, p.per_rank
+    total = float(p.areas.sum())
+    if n == 0 or total == 0:
+        return 0
+    cap = max_over_mean_area * total / cp * (1 + 1e-9) + 1e-6
+    order = np.argsort(p.areas, kind="stable")
+    area_sorted = p.areas[order].astype(np.float64)
+    outside = ~p.need[order]  # [n, S], chunks by ascending area
+    light = np.sort(np.where(outside, area_sorted[:, None], np.inf), axis=0)  # outside areas first, ascending
+    lightest = np.zeros((n + 1, light.shape[1]))
+    np.cumsum(light, axis=0, out=lightest[1:])  # lightest[j, s]: the j lightest chunks outside N(s) (inf: too few)
+    size = p.need.sum(axis=0)
+    area_need = p.areas.astype(np.float64) @ p.need
+    sharing = np.zeros(p.need.shape[1], dtype=np.int64)  # 0 = not decided yet
+    for m in range(1, cp + 1):
+        fill = m * k - size
+        fits = (fill >= 0) & (area_need + lightest[np.clip(fill, 0, n), np.arange(len(size))] <= m * cap)
+        sharing[(sharing == 0) & fits] = m
+    sharing[sharing == 0] = 1  # no m fits: no plan within the cap at all (never for balance_cap)
+    return int(((sharing - 1) * p.seg_len).sum())
 
 
 def _reversed(p: ChunkCosts) -> ChunkCosts:

@@ -2,7 +2,8 @@
 
 A bound that is too high is worse than a loose one, so each bound is checked against the true
 optimum: :func:`gap_lower_bound` (valid for any balance) against the least total remote KV of
-all plans, :func:`remote_kv_lower_bound` against the least of the plans within the cap.
+all plans, :func:`sharing_lower_bound` and :func:`remote_kv_lower_bound` against the least of the
+plans within the cap.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from magitrain.parallel.dispatch import (ChunkCosts, balance_cap, gap_charges, gap_lower_bound, plan_stats,
-                                         remote_kv_lower_bound, solve)
+                                         remote_kv_lower_bound, sharing_lower_bound, solve)
 from magitrain.parallel.mask import (AttnRange, AttnSlice, AttnSlices, MaskType, block_causal_video,
                                      packed_videos, sliding_window_causal, varlen_causal)
 
@@ -55,6 +56,8 @@ def check_bounds(mask: AttnSlices, cp: int, chunk_size: int):
     cap = balance_cap(p)
     best_any, best_capped = optima(p, cap)
     assert gap_lower_bound(p) <= best_any
+    assert sharing_lower_bound(p, 100.0) <= best_any  # a cap no plan reaches: only chunk counts bind
+    assert sharing_lower_bound(p, cap) <= best_capped
     assert remote_kv_lower_bound(p, cap) <= best_capped  # area_greedy's plan is within the cap
     return p, best_any
 
