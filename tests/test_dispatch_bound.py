@@ -39,16 +39,22 @@ def balanced_partitions(n: int, cp: int):
 
 
 def optima(p: ChunkCosts, cap_ratio: float) -> tuple[int, int | None]:
-    """(least total remote KV of all plans, least of the plans within ``cap_ratio``)."""
+    """(least total remote KV of all plans, least of the plans within ``cap_ratio``), all plans
+    scored at once: per rank, needed = any held chunk needs the segment, remote = needed and not
+    held (the definition :meth:`ChunkCosts.rank_figures` implements)."""
     cap = cap_ratio * float(p.areas.sum()) / p.cp * (1 + 1e-12)
-    best_any, best_capped = None, None
-    for owner in balanced_partitions(p.num_chunks, p.cp):
-        area, remote = p.rank_figures(owner)
-        total = int(remote.sum())
-        best_any = total if best_any is None else min(best_any, total)
-        if area.max() <= cap:
-            best_capped = total if best_capped is None else min(best_capped, total)
-    return best_any, best_capped
+    owners = np.stack(list(balanced_partitions(p.num_chunks, p.cp)))  # [plans, n]
+    need = p.need.astype(np.int64)
+    total = np.zeros(len(owners), dtype=np.int64)
+    worst_area = np.zeros(len(owners), dtype=np.int64)
+    for r in range(p.cp):
+        held = (owners == r).astype(np.int64)
+        needed = held @ need > 0
+        remote = (needed & (owners[:, p.seg_chunk] != r)) @ p.seg_len
+        total += remote
+        worst_area = np.maximum(worst_area, held @ p.areas)
+    within = worst_area <= cap
+    return int(total.min()), (int(total[within].min()) if within.any() else None)
 
 
 def check_bounds(mask: AttnSlices, cp: int, chunk_size: int):
@@ -102,7 +108,7 @@ def band_masks(draw):
     return AttnSlices(slices, total)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(mask=band_masks(), shape=st.sampled_from(SHAPES[:3]))
 def test_bounds_hold_on_random_masks(mask, shape):
     n, cp = shape
@@ -137,3 +143,24 @@ def test_the_window_bound_is_tight():
     # a window longer than a rank's span: the second rank fetches its whole span, the rest w - 1
     p = ChunkCosts.build(sliding_window_causal(8192, 4096), 4, 128)
     assert gap_lower_bound(p) == 2048 + 2 * 4095
+
+
+MID = {  # three of the benchmark's families (the sharing bound's) at 8K tokens, cp=4, chunk 128
+    "causal": varlen_causal([8192]),
+    "documents": varlen_causal([4096, 2048, 1024, 512, 512]),
+    "packed": packed_videos([[512] * 8, [512] * 4, [512] * 2, [512], [512]]),
+}
+
+
+@pytest.mark.parametrize("name", list(MID))
+def test_bound_is_below_every_solvers_plan(name):
+    """Too large to enumerate: every solver's plan within the cap costs at least the bound."""
+    mask = MID[name]
+    p = ChunkCosts.build(mask, 4, 128)
+    cap = balance_cap(p)
+    bound = remote_kv_lower_bound(p, cap)
+    assert bound > 0
+    for solver in ("contiguous", "zigzag", "area_greedy", "default"):
+        stats = plan_stats(solve(mask, 4, 128, solver), mask)
+        if stats.max_over_mean_area <= cap + 1e-9:
+            assert stats.total_remote_kv >= bound, solver
