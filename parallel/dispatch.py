@@ -20,8 +20,10 @@ Solvers (all deterministic: every rank computes the same plan from the same mask
   holds parts ``r`` and ``2*cp-1-r``. Perfect balance on one causal sequence.
 - ``area_greedy``: MagiAttention's default; chunks by descending area, each to the least
   loaded rank with room. Near-perfect balance, no locality at all.
-- ``locality`` (what ``default`` maps to): balance first, then the least remote KV. See
-  :func:`_locality`.
+- ``locality``: balance first, then the least remote KV. See :func:`_locality`.
+- ``structured`` (what ``default`` maps to): the least remote KV under a hard balance cap,
+  moving whole runs of chunks. See :func:`_structured`; :func:`remote_kv_lower_bound` says how
+  far any plan within the cap is from the best possible.
 
 ``python -m magitrain.parallel.dispatch --mask MASK.json --cp N --chunk-size C`` prints a plan
 and its figures as one JSON object. This module knows nothing about torch.distributed.
@@ -887,8 +889,8 @@ def solve(slices: AttnSlices, cp: int, chunk_size: int, solver: str = "default",
     """Pad, cut into chunks and assign them to ``cp`` ranks with the named solver.
 
     Deterministic: the same mask and arguments give the same plan on every rank. The plan's
-    ``solver`` is the resolved name (``default`` resolves to ``locality``). ``options`` go to
-    the solver (``locality`` takes ``tolerance``, ``balance_weight``, ...; see :func:`_locality`).
+    ``solver`` is the resolved name (``default`` resolves to ``structured``). ``options`` go to
+    the solver (``structured`` takes ``tolerance``, ``rounds``, ...; see :func:`_structured`).
     """
     name = ALIASES.get(solver, solver) if isinstance(solver, str) else None
     if name not in SOLVERS:
