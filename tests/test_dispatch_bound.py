@@ -88,8 +88,6 @@ NAMED = {
 @pytest.mark.parametrize("name", list(NAMED))
 def test_bounds_hold_on_every_plan(name, shape):
     n, cp = shape
-    if n == 12 and "window" not in name:
-        pytest.skip("the 5775-plan shape only for the windows (the bound that is tight there)")
     chunk_size = 3
     check_bounds(NAMED[name](n * chunk_size), cp, chunk_size)
 
