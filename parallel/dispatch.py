@@ -665,11 +665,12 @@ def _structured(p: ChunkCosts, tolerance: float = 1.05, slack: float = 0.01,
     searches. The schedules end in different local optima (the searches are greedy), so the
     best of two is better than either on most masks. Above ``coarse_above`` chunks every
     level (the fused problems and the polish) uses the first schedule only: there the time
-    goes to the polish at full resolution (1M tokens / cp=32 stays within 1 s of CPU). The plan with the least total remote KV
-    (then the least maximum, then the best balance) within the cap wins; if no search ends
-    within the cap, area_greedy's plan (always within it) is returned. The search stops as soon
-    as a plan within the cap reaches :func:`gap_lower_bound` (it is then optimal; on sliding
-    windows the contiguous start does).
+    goes to the polish at full resolution (1M tokens / cp=32 stays within 1 s of CPU).
+
+    The plan with the least total remote KV (then the least maximum, then the best balance)
+    within the cap wins; if no search ends within the cap, area_greedy's plan (always within
+    it) is returned. The search stops as soon as a plan within the cap reaches
+    :func:`gap_lower_bound` (it is then optimal; on sliding windows the contiguous start does).
 
     Work is bounded by ``max_cells`` scored segment cells per schedule, never by wall time,
     so every rank computes the same plan.
