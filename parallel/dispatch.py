@@ -20,8 +20,10 @@ Solvers (all deterministic: every rank computes the same plan from the same mask
   holds parts ``r`` and ``2*cp-1-r``. Perfect balance on one causal sequence.
 - ``area_greedy``: MagiAttention's default; chunks by descending area, each to the least
   loaded rank with room. Near-perfect balance, no locality at all.
-- ``locality`` (what ``default`` maps to): balance first, then the least remote KV. See
-  :func:`_locality`.
+- ``locality``: balance first, then the least remote KV. See :func:`_locality`.
+- ``structured`` (what ``default`` maps to): the least remote KV under a hard balance cap,
+  moving whole runs of chunks. See :func:`_structured`; :func:`remote_kv_lower_bound` says how
+  far any plan within the cap is from the best possible.
 
 ``python -m magitrain.parallel.dispatch --mask MASK.json --cp N --chunk-size C`` prints a plan
 and its figures as one JSON object. This module knows nothing about torch.distributed.
@@ -648,45 +650,72 @@ def _run_lengths(per_rank: int) -> list[int]:
     return lengths
 
 
-def _structured(p: ChunkCosts, tolerance: float = 1.05, slack: float = 0.01, rounds: int = 2,
-                max_cells: float = 3e7, coarse_above: int = 128) -> list[list[int]]:
+def _structured(p: ChunkCosts, tolerance: float = 1.05, slack: float = 0.01,
+                rounds: int | tuple[int, ...] = (2, 4), max_cells: float = 3e7,
+                coarse_above: int = 128) -> list[list[int]]:
     """Least total remote KV under a hard balance cap, using the mask's structure.
 
     The cap is :func:`balance_cap` (``max(tolerance, area_greedy + slack)``). Starts: the
     contiguous split (whole documents and causal prefixes together), zigzag (the balanced
     contiguous pairs) and the locality greedy; above ``coarse_above`` chunks instead the
-    solution of the problem with pairs of chunks fused (recursively). From each start,
-    ``rounds`` times: run swaps (:class:`_RunSwapSearch`, long runs first, so documents and
-    prefixes move as a whole) then single-chunk swaps (:class:`_SwapSearch`). The plan with
-    the least total remote KV (then the least maximum, then the best balance) within the cap wins; if no search ends
-    within the cap, area_greedy's plan (always within it) is returned.
+    solution of the problem with pairs of chunks fused (recursively). Each start is searched
+    once per **schedule** in ``rounds`` (an int is one schedule): ``R`` times run swaps
+    (:class:`_RunSwapSearch`, long runs first, so documents and prefixes move as a whole) then
+    single-chunk swaps (:class:`_SwapSearch`), the start's budget split evenly over the ``2R``
+    searches. The schedules end in different local optima (the searches are greedy), so the
+    best of two is better than either on most masks. Above ``coarse_above`` chunks every
+    level (the fused problems and the polish) uses the first schedule only: there the time
+    goes to the polish at full resolution (1M tokens / cp=32 stays within 1 s of CPU).
+
+    The plan with the least total remote KV (then the least maximum, then the best balance)
+    within the cap wins; if no search ends within the cap, area_greedy's plan (always within
+    it) is returned. The search stops as soon as a plan within the cap reaches
+    :func:`gap_lower_bound` (it is then optimal; on sliding windows the contiguous start does).
+
+    Work is bounded by ``max_cells`` scored segment cells per schedule, never by wall time,
+    so every rank computes the same plan.
     """
     n, cp = p.num_chunks, p.cp
     if float(p.areas.sum()) == 0:
         return _contiguous(p)
+    schedules = (rounds,) if isinstance(rounds, int) else tuple(rounds)
     mean = float(p.areas.sum()) / cp
     cap = balance_cap(p, tolerance, slack) * mean * (1 + 1e-12)
     lengths = _run_lengths(p.per_rank)
     if n > coarse_above and p.per_rank % 2 == 0:
-        coarse = _structured(_coarsen(p, 2), tolerance, slack, rounds, max_cells / 2, coarse_above)
+        coarse = _structured(_coarsen(p, 2), tolerance, slack, schedules[:1], max_cells / 2, coarse_above)
         starts = [np.repeat(_owner_of(coarse, n // 2), 2)]
         lengths = [1]
         budget = max_cells / 2
+        schedules = schedules[:1]
     else:
         starts = [_owner_of(_contiguous(p), n), _owner_of(_zigzag(p), n), _owner_of(_locality_greedy(p, cap), n)]
         budget = max_cells / len(starts)
-    best = _owner_of(_area_greedy(p), n)
-    area, remote = p.rank_figures(best)
-    best_key = (int(remote.sum()), int(remote.max()), int(area.max()))
-    for owner in starts:
-        per_round = budget / (2 * rounds)
-        for _ in range(rounds):
-            owner = _RunSwapSearch(p, owner, cap).run(lengths, max_cells=per_round)
-            owner = _SwapSearch(p, owner, cap).run(6, per_round)
+    floor = gap_lower_bound(p)  # no plan has less: one that reaches it is optimal
+    best, best_key = None, None
+
+    def offer(owner: np.ndarray) -> bool:
+        """Keep ``owner`` if it is within the cap and better; True once the best is optimal."""
+        nonlocal best, best_key
         area, remote = p.rank_figures(owner)
         key = (int(remote.sum()), int(remote.max()), int(area.max()))
-        if area.max() <= cap and key < best_key:
+        if area.max() <= cap and (best_key is None or key < best_key):
             best, best_key = owner, key
+        return best_key is not None and best_key[0] <= floor
+
+    if offer(_owner_of(_area_greedy(p), n)):
+        return _ranks_of(best, cp)
+    for start in starts:
+        if offer(start):
+            return _ranks_of(best, cp)
+        for schedule in schedules:
+            owner = start
+            per_round = budget / (2 * schedule)
+            for _ in range(schedule):
+                owner = _RunSwapSearch(p, owner, cap).run(lengths, max_cells=per_round)
+                owner = _SwapSearch(p, owner, cap).run(6, per_round)
+            if offer(owner):
+                return _ranks_of(best, cp)
     return _ranks_of(best, cp)
 
 
@@ -704,6 +733,10 @@ def remote_kv_lower_bound(p: ChunkCosts, max_over_mean_area: float | None = None
       ``m``'s start, which the rank cannot hold (and likewise after its highest chunk). The
       ranks' lowest chunks are distinct and lie in ``[0, n - k]``: the ``cp`` smallest
       ``left`` values there bound the sum (same for ``right``).
+    - **gaps**: :func:`gap_lower_bound`, on the problem and its mirror image (it holds for any
+      balance; it is the one that is tight on sliding windows).
+    - **sharing**: :func:`sharing_lower_bound` (how many ranks must hold the chunks needing
+      each segment; the one that sees documents split to balance).
     """
     n, cp, k, cs = p.num_chunks, p.cp, p.per_rank, p.chunk_size
     need_len = p.need.astype(np.int64) @ p.seg_len
@@ -732,7 +765,111 @@ def remote_kv_lower_bound(p: ChunkCosts, max_over_mean_area: float | None = None
     right = np.array([int(p.seg_len[p.need[c] & (seg_start >= chunk_start[c] + cs)].sum()) for c in range(n)])
     by_left = int(np.sort(left[: n - k + 1])[:cp].sum())
     by_right = int(np.sort(right[k - 1:])[:cp].sum())
-    return max(by_demand, by_left, by_right)
+    return max(by_demand, by_left, by_right, gap_lower_bound(p), gap_lower_bound(_reversed(p)),
+               sharing_lower_bound(p, ratio))
+
+
+def sharing_lower_bound(p: ChunkCosts, max_over_mean_area: float) -> int:
+    """A lower bound on the total remote KV of any plan whose balance is at most
+    ``max_over_mean_area``, from how many ranks must share each key segment.
+
+    Let ``N(s)`` be the chunks that need segment ``s``. Every rank holding one of them needs
+    ``s`` and at most one of those ranks holds it, so ``s`` is fetched at least ``m - 1`` times
+    where ``m`` is the number of ranks holding ``N(s)``. ``m`` ranks hold ``m * per_rank``
+    chunks, ``N(s)`` and ``m * per_rank - |N(s)|`` others whose area is at least that of the
+    lightest chunks outside ``N(s)``; all of it within ``m * cap``. The least ``m`` meeting both
+    conditions is a lower bound on the real one. On causal documents ``N(s)`` is the rest of
+    the document above ``s``: the top of a long document needs several ranks to carry its area,
+    so its prefix is fetched several times.
+    """
+    n, cp, k = p.num_chunks, p.cp, p.per_rank
+    total = float(p.areas.sum())
+    if n == 0 or total == 0:
+        return 0
+    cap = max_over_mean_area * total / cp * (1 + 1e-9) + 1e-6
+    order = np.argsort(p.areas, kind="stable")
+    area_sorted = p.areas[order].astype(np.float64)
+    outside = ~p.need[order]  # [n, S], chunks by ascending area
+    light = np.sort(np.where(outside, area_sorted[:, None], np.inf), axis=0)  # outside areas first, ascending
+    lightest = np.zeros((n + 1, light.shape[1]))
+    np.cumsum(light, axis=0, out=lightest[1:])  # lightest[j, s]: the j lightest chunks outside N(s) (inf: too few)
+    size = p.need.sum(axis=0)
+    area_need = p.areas.astype(np.float64) @ p.need
+    sharing = np.zeros(p.need.shape[1], dtype=np.int64)  # 0 = not decided yet
+    for m in range(1, cp + 1):
+        fill = m * k - size
+        fits = (fill >= 0) & (area_need + lightest[np.clip(fill, 0, n), np.arange(len(size))] <= m * cap)
+        sharing[(sharing == 0) & fits] = m
+    sharing[sharing == 0] = 1  # no m fits: no plan within the cap at all (never for balance_cap)
+    return int(((sharing - 1) * p.seg_len).sum())
+
+
+def _reversed(p: ChunkCosts) -> ChunkCosts:
+    """The mirror image of the problem (chunk ``c`` becomes ``n - 1 - c``): every plan has the
+    same remote KV in both, so a bound of one is a bound of the other."""
+    n = p.num_chunks
+    return ChunkCosts(p.cp, p.chunk_size, p.areas[::-1].copy(), p.need[::-1, ::-1].copy(), p.seg_len[::-1].copy(),
+                      (n - 1 - p.seg_chunk[::-1]).copy())
+
+
+def gap_charges(p: ChunkCosts) -> np.ndarray:
+    """``h[c, g]`` (``[n, n + 1]`` int64; 0 where ``g > c``): tokens that chunk ``c`` needs among
+    the ``g`` chunks right before it.
+
+    If a rank holds ``c`` but none of those ``g`` chunks, it fetches at least ``h[c, g]`` tokens
+    from them. Non-decreasing in ``g``; ``h[c, 0] == 0``.
+    """
+    n = p.num_chunks
+    first_seg = np.searchsorted(p.seg_chunk, np.arange(n + 1))  # first segment of each chunk (and the end)
+    cum = np.zeros((n, p.need.shape[1] + 1), dtype=np.int64)
+    np.cumsum(p.need * p.seg_len[None, :], axis=1, out=cum[:, 1:])
+    c = np.arange(n)[:, None]
+    lo = np.maximum(c - np.arange(n + 1)[None, :], 0)  # first chunk of the gap (clipped at 0)
+    return cum[c, first_seg[c]] - cum[c, first_seg[lo]]
+
+
+MAX_GAP_BOUND_WORK = 5e7  # n * n * per_rank cells: above this gap_lower_bound returns 0
+
+
+def gap_lower_bound(p: ChunkCosts) -> int:
+    """A lower bound on the total remote KV of ANY plan (whatever its balance), from the gaps
+    before each rank's runs.
+
+    Cut a rank's chunks into maximal runs of consecutive chunks. The chunks between a run and
+    the rank's previous run (for its first run: all chunks before it) are a **gap** the rank does
+    not hold; the first chunk ``c`` of the run fetches at least ``h[c, g]`` tokens from a gap of
+    ``g`` chunks (:func:`gap_charges`), and gaps are disjoint. So a rank whose highest chunk is
+    ``M`` fetches at least ``phi(M)``: the least sum of gap charges over all sets of ``per_rank``
+    chunks with highest chunk ``M`` (an exact DP over the previous held chunk). The ranks'
+    highest chunks are distinct, the ``j``-th smallest is at least ``j * per_rank - 1`` (``j``
+    ranks hold ``j * per_rank`` chunks below it) and the largest is ``n - 1``; the least sum of
+    ``phi`` over such sequences (a second DP) is the bound.
+
+    On a sliding window of ``w`` keys this is ``(cp - 1) * (w - 1)`` once ``per_rank`` chunks
+    span the window: a rank fetching less than ``w - 1`` has gaps of fewer than ``w - 1``
+    tokens in all, so it lies in the first ``per_rank + (w - 1) / chunk_size`` chunks, and two
+    such ranks do not fit there. Costs ``O(n^2 per_rank)``; returns 0 above
+    ``MAX_GAP_BOUND_WORK``.
+    """
+    n, cp, k = p.num_chunks, p.cp, p.per_rank
+    if n == 0 or float(n) * n * k > MAX_GAP_BOUND_WORK:
+        return 0
+    h = gap_charges(p).astype(np.float64)
+    inf = np.inf
+    # runs[c, j - 1]: least gap charges of j held chunks whose highest is c
+    runs = np.full((n, k), inf)
+    runs[:, 0] = h[np.arange(n), np.arange(n)]
+    for c in range(1, n):
+        if k > 1:
+            prev = np.arange(c)  # the previous held chunk c' < c; the gap between has c - c' - 1 chunks
+            runs[c, 1:] = (runs[:c, :-1] + h[c, c - 1 - prev][:, None]).min(axis=0)
+    phi = runs[:, k - 1]
+    # best[M]: least sum of phi over the j smallest highest chunks, the j-th being M
+    best = np.where(np.arange(n) >= k - 1, phi, inf)
+    for j in range(2, cp + 1):
+        reach = np.concatenate([[inf], np.minimum.accumulate(best)[:-1]])  # min over M' < M
+        best = np.where(np.arange(n) >= j * k - 1, phi + reach, inf)
+    return int(best[n - 1]) if np.isfinite(best[n - 1]) else 0
 
 
 SOLVERS = {
@@ -753,8 +890,8 @@ def solve(slices: AttnSlices, cp: int, chunk_size: int, solver: str = "default",
     """Pad, cut into chunks and assign them to ``cp`` ranks with the named solver.
 
     Deterministic: the same mask and arguments give the same plan on every rank. The plan's
-    ``solver`` is the resolved name (``default`` resolves to ``locality``). ``options`` go to
-    the solver (``locality`` takes ``tolerance``, ``balance_weight``, ...; see :func:`_locality`).
+    ``solver`` is the resolved name (``default`` resolves to ``structured``). ``options`` go to
+    the solver (``structured`` takes ``tolerance``, ``rounds``, ...; see :func:`_structured`).
     """
     name = ALIASES.get(solver, solver) if isinstance(solver, str) else None
     if name not in SOLVERS:
