@@ -15,6 +15,10 @@ the window's keys.
 ``max_chunks`` caps the chunks kept (sliding context): the oldest chunk is dropped when a new
 one is written, so memory stays flat however long the video. A chunk written under the cap saw
 only the ``max_chunks`` chunks before it, so the cache stays self-consistent.
+
+``sink_chunks = S`` (attention sink, with a cap): the first ``S`` chunks ever written are never
+dropped; the cap applies to the chunks after them, so the cache holds at most ``S + max_chunks``
+chunks, oldest first: ``[sink chunks | the max_chunks most recent]``.
 """
 
 from __future__ import annotations
@@ -32,17 +36,21 @@ READ, WRITE, OFF = "read", "write", "off"
 
 
 class KVCache:
-    """Per-layer K/V ``[tokens, Hk, D]`` of the last ``max_chunks`` clean chunks (all when None).
+    """Per-layer K/V ``[tokens, Hk, D]`` of the first ``sink_chunks`` and the last ``max_chunks``
+    clean chunks (all when ``max_chunks`` is None).
 
     ``mode`` says what the next forward does: ``read`` (window tokens attend to the cache),
     ``write`` (also append this forward's K/V as one new chunk), ``off`` (ignore the cache:
     the history-free CFG pass).
     """
 
-    def __init__(self, num_layers: int, max_chunks: Optional[int] = None):
+    def __init__(self, num_layers: int, max_chunks: Optional[int] = None, sink_chunks: int = 0):
         if max_chunks is not None and max_chunks < 1:
             raise ValueError(f"max_chunks={max_chunks} must be >= 1 (or None for an unlimited cache)")
-        self.max_chunks = max_chunks
+        if sink_chunks < 0 or (sink_chunks and max_chunks is None):
+            raise ValueError(f"sink_chunks={sink_chunks} must be >= 0, and > 0 only with a max_chunks cap "
+                             "(an unlimited cache keeps every chunk anyway)")
+        self.max_chunks, self.sink_chunks = max_chunks, sink_chunks
         self.mode = READ
         self._k: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self._v: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
@@ -51,7 +59,7 @@ class KVCache:
 
     @property
     def num_chunks(self) -> int:
-        """Chunks held now (at most ``max_chunks``)."""
+        """Chunks held now (at most ``sink_chunks + max_chunks``)."""
         return len(self._k[0])
 
     def nbytes(self) -> int:
@@ -67,11 +75,11 @@ class KVCache:
         return self._kv[layer]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store one chunk's ``k, v`` for ``layer``, dropping the oldest beyond ``max_chunks``."""
+        """Store one chunk's ``k, v`` for ``layer``, dropping the oldest non-sink chunk beyond the cap."""
         self._k[layer].append(k.detach())
         self._v[layer].append(v.detach())
-        if self.max_chunks is not None and len(self._k[layer]) > self.max_chunks:
-            del self._k[layer][0], self._v[layer][0]
+        if self.max_chunks is not None and len(self._k[layer]) > self.sink_chunks + self.max_chunks:
+            del self._k[layer][self.sink_chunks], self._v[layer][self.sink_chunks]
         self._kv[layer] = None
         if layer == len(self._k) - 1:
             self.chunks_written += 1

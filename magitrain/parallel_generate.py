@@ -15,7 +15,7 @@ schedule, same prefix handling, same output) with three things changed:
    stage ``s`` is computed), :func:`~magitrain.parallel.attention.restrict_slices` (the local
    masks) and the LSE merge. Plans are cached per window shape (:class:`InferencePlan`).
 2. **Writes fused into the next tick.** A finished chunk's K/V write (its forward at
-   ``clean_t``) is not a forward of its own: it rides along in the next tick's forward as one
+   ``clean_t``, or re-noised to ``context_t``) is not a forward of its own: it rides along in the next tick's forward as one
    more sample (the "written chunk"), which the window passes attend to as context. Per layer
    its K/V depend only on what it sees (the cache and itself), so this is exact, and the
    chunk is handed out before its write runs (time to first chunk is unchanged). Its tokens
@@ -374,6 +374,9 @@ class ParallelChunkSampler(ChunkSampler):
                  solver: str = "default", overlap_stages: int = 1, fuse_writes: bool = True, overlap: bool = True):
         if not cfg.kv_cache:
             raise ValueError("the parallel sampler always caches K/V (kv_cache=False is a one-process check)")
+        if cfg.sink_chunks:
+            raise ValueError("sink_chunks (--sink-chunks) is not supported by the multi-rank (CP/TP) sampler yet; "
+                             "generate on one process, or use --max-context alone")
         super().__init__(model, text_emb, text_mask, height, width, cfg, prefix)
         self.group = cp_group
         self.cp = 1 if cp_group is None else dist.get_world_size(cp_group)
@@ -409,7 +412,7 @@ class ParallelChunkSampler(ChunkSampler):
         """Keep the finished chunk for the next forward (fused), flushing an older one first."""
         if self._pending is not None:
             self._run(None, None, None, None)
-        self._pending = (index, x)
+        self._pending = (index, self._context_tokens(index, x))
         if not self.fuse_writes:
             self._run(None, None, None, None)
 
@@ -435,7 +438,7 @@ class ParallelChunkSampler(ChunkSampler):
         if write is not None:
             grids.append((frames, h, w, frames))
             offsets.append(write[0] * frames)
-            ts.append(torch.full((1,), self.cfg.clean_t, device=self.device, dtype=self.schedule.dtype))
+            ts.append(torch.full((1,), self.context_t, device=self.device, dtype=self.schedule.dtype))
             chunks.append(write[0])
             nulls.append(False)
             steps.append(torch.zeros(1, device=self.device, dtype=self.schedule.dtype))

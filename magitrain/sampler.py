@@ -62,6 +62,8 @@ class SamplerConfig:
     history_scale: Optional[float] = None  # s_history of 3-pass CFG (None: 1- or 2-pass)
     clean_t: float = 1.0  # t of finished chunks when their K/V are cached (the training clean_t)
     max_context_chunks: Optional[int] = None  # sliding context: finished chunks kept in the cache
+    sink_chunks: int = 0  # attention sink: the first chunks, kept in the cache besides max_context_chunks
+    context_t: Optional[float] = None  # level finished chunks are re-noised to when cached (None: clean_t, as is)
     seed: int = 0
     kv_cache: bool = True  # False: every evaluation re-encodes the finished context chunks (slow; a check)
 
@@ -76,6 +78,15 @@ class SamplerConfig:
             raise ValueError(f"shift={self.shift} must be > 0")
         if self.max_context_chunks is not None and self.max_context_chunks < 1:
             raise ValueError(f"max_context_chunks={self.max_context_chunks} must be >= 1 (or None: unlimited)")
+        if self.sink_chunks < 0:
+            raise ValueError(f"sink_chunks={self.sink_chunks} must be >= 0")
+        if self.sink_chunks and self.max_context_chunks is None:
+            raise ValueError(f"sink_chunks={self.sink_chunks} needs max_context_chunks (without a cap every "
+                             "chunk stays in the cache: a sink means nothing)")
+        if self.sink_chunks and not self.kv_cache:
+            raise ValueError("sink_chunks needs the KV cache (kv_cache=False re-encodes one contiguous context)")
+        if self.context_t is not None and not 0.0 <= self.context_t <= 1.0:
+            raise ValueError(f"context_t={self.context_t} must be in [0, 1] (1: clean)")
 
     @property
     def passes(self) -> int:
@@ -88,6 +99,14 @@ class SamplerConfig:
 def chunk_noise(seed: int, chunk: int, shape, dtype=torch.float32) -> torch.Tensor:
     """The starting noise of one chunk: depends only on ``(seed, chunk)``."""
     gen = torch.Generator().manual_seed((seed * 1_000_003 + chunk) * 7_919 % (2**63 - 1))
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+
+
+def context_noise(seed: int, chunk: int, shape, dtype=torch.float32) -> torch.Tensor:
+    """The noise a finished chunk is re-noised with before it is cached (``context_t``): depends only on
+    ``(seed, chunk)`` and is independent of :func:`chunk_noise` (re-noising with the chunk's own starting
+    noise would put it back on its own flow path, not at a fresh noisy point)."""
+    gen = torch.Generator().manual_seed(((seed * 1_000_003 + chunk) * 7_919 + 0xC0DE) % (2**63 - 1))
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
 
 
@@ -135,7 +154,8 @@ class ChunkSampler:
         if self.num_chunks <= self.prefix_chunks:
             raise ValueError(f"the video has {self.num_chunks} chunks, all covered by the "
                              f"{self.prefix_chunks}-chunk prefix: nothing to generate")
-        self.cache = KVCache(mc.num_layers, cfg.max_context_chunks)
+        self.cache = KVCache(mc.num_layers, cfg.max_context_chunks, cfg.sink_chunks)
+        self.context_t = cfg.clean_t if cfg.context_t is None else cfg.context_t  # the level cached chunks carry
         self.context: list[tuple[int, torch.Tensor]] = []  # (chunk, tokens) finished, when kv_cache=False
         self.evaluations = 0  # model forwards of the window (all CFG passes counted)
 
@@ -206,7 +226,7 @@ class ChunkSampler:
         emb, mask = self.text_emb[chunks], self.text_mask[chunks]
         if ctx:
             x = torch.cat([tokens for _, tokens in ctx] + [x])
-            t = torch.cat([torch.full((len(ctx),), self.cfg.clean_t, device=self.device, dtype=t.dtype), t])
+            t = torch.cat([torch.full((len(ctx),), self.context_t, device=self.device, dtype=t.dtype), t])
             if step is not None:
                 step = torch.cat([torch.zeros(len(ctx), device=self.device, dtype=step.dtype), step])
         window = slice(len(ctx) * self.chunk_shape[0], None)
@@ -225,9 +245,19 @@ class ChunkSampler:
         self.evaluations += passes
         return guided_velocity(v_full, v_no_text, v_uncond, self.cfg.history_scale or 1.0, self.cfg.cfg_scale)
 
+    def _context_tokens(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """A finished chunk as the cache sees it: as is (``context_t`` None), else re-noised to
+        ``context_t * x + (1 - context_t) * noise`` with :func:`context_noise` (MAGI-1's clean_t, generalised)."""
+        if self.cfg.context_t is None:
+            return x
+        noise = context_noise(self.cfg.seed, index, self.chunk_shape, self.dtype).to(self.device)
+        t = torch.tensor(self.cfg.context_t, dtype=self.dtype, device=self.device)
+        return t * x + (1 - t) * noise
+
     def _write_context(self, index: int, x: torch.Tensor) -> None:
-        """One forward of a finished chunk at ``clean_t`` (its own caption) that appends its K/V
-        (without the cache: the chunk joins the re-encoded context)."""
+        """One forward of a finished chunk at ``context_t`` (default ``clean_t``; its own caption) that
+        appends its K/V (without the cache: the chunk joins the re-encoded context)."""
+        x = self._context_tokens(index, x)
         if not self.cfg.kv_cache:
             self.context.append((index, x))
             if self.cfg.max_context_chunks is not None:
@@ -235,7 +265,7 @@ class ChunkSampler:
             return
         frames = self.grid[0]
         layout = PackedLayout.pack([(frames, self.grid[1], self.grid[2], frames)], frame_offsets=[index * frames])
-        t = torch.full((1,), self.cfg.clean_t, device=self.device)
+        t = torch.full((1,), self.context_t, device=self.device)
         self.cache.mode = WRITE
         try:
             self.model(x, t, self.text_emb[index:index + 1], self.text_mask[index:index + 1], layout,
