@@ -330,3 +330,24 @@ def test_history_noise_training_resumes_bitwise(tmp_path):
     plain = tiny_config(tmp_path / "c", *[k for k in keys if "history_t" not in k], "ckpt.every=0")
     train(plain)
     assert [r["loss"] for r in _losses(plain.run.dir)] != [r["loss"] for r in a]  # the noise is used
+
+
+def test_multi_rank_sampler_context_t_and_sink_refusal():
+    """The multi-rank sampler on one rank (fused writes, no process group) caches at ``context_t`` as the
+    one-process sampler does; a sink it refuses in one line (not supported there yet)."""
+    from magitrain.parallel_generate import ParallelChunkSampler
+
+    model = make_model()
+    emb, mask = make_text(4, switches=(2,))
+    prefix = torch.randn(4, 3, H, W, generator=torch.Generator().manual_seed(5))
+    cfg = SamplerConfig(steps=2, window=2, cfg_scale=2.0, max_context_chunks=1, context_t=0.85, seed=1)
+    with torch.no_grad():
+        want = ChunkSampler(model, emb, mask, H, W, cfg, prefix).generate()
+        got = ParallelChunkSampler(model, emb, mask, H, W, cfg, prefix, chunk_size=3).generate()
+        plain = ChunkSampler(model, emb, mask, H, W, SamplerConfig(**{**cfg.__dict__, "context_t": None}),
+                             prefix).generate()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (plain - want).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="sink_chunks"):
+        ParallelChunkSampler(model, emb, mask, H, W, SamplerConfig(steps=2, window=1, sink_chunks=1,
+                                                                    max_context_chunks=1))
