@@ -22,6 +22,11 @@ the checkpoint, of any training layout, into the TP shards and samples with
 :class:`~magitrain.parallel_generate.ParallelChunkSampler` (heads over tp, window and KV cache over cp);
 every rank samples the same video, rank 0 writes the outputs.
 
+Long videos: ``--sink-chunks S --max-context K`` keep the first ``S`` finished chunks in the KV cache
+for good plus the ``K`` most recent (flat memory); both default to the checkpoint's
+``model.sink_chunks`` / ``model.max_context_chunks`` (the mask it was trained with). ``--context-t T``
+caches each finished chunk re-noised to level ``T`` (seeded), as training with ``diffusion.history_t``.
+
 ``--contact-sheet PATH`` also writes a PNG with one row per chunk (its frames left to right), to look
 at without a video player. Whether a video follows its caption is scored by :mod:`magitrain.caption_score`
 (the demo's check).

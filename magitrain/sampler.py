@@ -30,6 +30,17 @@ together, so a context chunk sees only those before it in the window of ``K``).
 Chunk noise is drawn from a generator seeded by ``(seed, chunk index)`` and a chunk never sees
 later chunks, so the first ``k`` chunks of a long request equal a request of ``k`` chunks.
 
+Attention sink + rolling window (``sink_chunks = S`` with ``max_context_chunks = K``): the cache
+keeps the first ``S`` finished chunks for good and the ``K`` most recent after them, so its
+memory is flat for any length; a chunk's K/V are written seeing exactly those (and itself), and
+the window chunks see them plus the window chunks before them. Trained for by the same rule on
+the packed mask (``model.sink_chunks`` / ``model.max_context_chunks``, :mod:`magitrain.layout`).
+
+History level (``context_t = T``): a finished chunk is cached from ``T * x + (1 - T) * noise``
+(:func:`context_noise`, seeded by ``(seed, chunk)``) with the model told ``t = T``, matching
+training with ``diffusion.history_t``; None caches the chunk as it is at ``clean_t`` (MAGI-1).
+The handed-out chunk is always the clean one.
+
 Prefix (image-to-video, continuation): clean latent frames. Whole prefix chunks are written to
 the cache and handed out as they are. A chunk only partly covered (e.g. one image frame of a
 2-frame chunk) is generated with its known frames replaced, before every evaluation and after

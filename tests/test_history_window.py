@@ -220,6 +220,18 @@ def test_generate_defaults_to_the_trained_rule_and_flags_override():
     assert history_window(ns(), ModelConfig()) == (None, 0)
 
 
+def test_magi1_release_config_keeps_the_trained_rule():
+    from magitrain.weights import magi1_config, model_config_from_json
+
+    m = ModelConfig(sink_chunks=1, max_context_chunks=3)
+    back = model_config_from_json(magi1_config(m, torch.float32), "x")
+    assert (back.sink_chunks, back.max_context_chunks) == (1, 3)
+    old = magi1_config(ModelConfig(), torch.float32)
+    for key in ("sink_chunks", "max_context_chunks"):
+        del old["magitrain"][key]  # a release written before issue 17
+    assert model_config_from_json(old, "x") == ModelConfig()
+
+
 def test_cli_refuses_bad_sink_and_context_flags(random_ckpt, tmp_path, capsys):
     from magitrain.generate import main
 
