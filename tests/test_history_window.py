@@ -344,22 +344,44 @@ def test_history_noise_training_resumes_bitwise(tmp_path):
     assert [r["loss"] for r in _losses(plain.run.dir)] != [r["loss"] for r in a]  # the noise is used
 
 
-def test_multi_rank_sampler_context_t_and_sink_refusal():
-    """The multi-rank sampler on one rank (fused writes, no process group) caches at ``context_t`` as the
-    one-process sampler does; a sink it refuses in one line (not supported there yet)."""
+SINK_CASE = (2, dict(steps=2, cfg_scale=2.0, history_scale=1.5, max_context_chunks=1, sink_chunks=1, context_t=0.9), 3)
+
+
+def test_multi_rank_sampler_on_one_rank_with_sink_and_context_t():
+    """The multi-rank sampler on one rank (fused and unfused writes, batched passes, its own sharded cache
+    order) streams the one-process video with a sink, a rolling window and a context level."""
     from magitrain.parallel_generate import ParallelChunkSampler
+    from test_generate_parallel import _inputs
 
     model = make_model()
-    emb, mask = make_text(4, switches=(2,))
-    prefix = torch.randn(4, 3, H, W, generator=torch.Generator().manual_seed(5))
-    cfg = SamplerConfig(steps=2, window=2, cfg_scale=2.0, max_context_chunks=1, context_t=0.85, seed=1)
+    emb, mask, sc, prefix = _inputs(SINK_CASE)
     with torch.no_grad():
-        want = ChunkSampler(model, emb, mask, H, W, cfg, prefix).generate()
-        got = ParallelChunkSampler(model, emb, mask, H, W, cfg, prefix, chunk_size=3).generate()
-        plain = ChunkSampler(model, emb, mask, H, W, SamplerConfig(**{**cfg.__dict__, "context_t": None}),
+        want = ChunkSampler(model, emb, mask, H, W, sc, prefix).generate()
+        plain = ChunkSampler(model, emb, mask, H, W, SamplerConfig(**{**sc.__dict__, "context_t": None}),
                              prefix).generate()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for fuse in (True, False):
+            sampler = ParallelChunkSampler(model, emb, mask, H, W, sc, prefix, chunk_size=3, fuse_writes=fuse)
+            torch.testing.assert_close(sampler.generate(), want, rtol=1e-5, atol=1e-5)
+            assert sampler.cache.num_chunks == 2
     assert (plain - want).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="sink_chunks"):
-        ParallelChunkSampler(model, emb, mask, H, W, SamplerConfig(steps=2, window=1, sink_chunks=1,
-                                                                    max_context_chunks=1))
+
+
+@pytest.mark.slow
+def test_cp2_sampler_with_sink_equals_one_process(tmp_path):
+    """cp=2 over gloo (2 processes): each rank caches half of every chunk, sink kept, oldest recent dropped."""
+    import os
+
+    import torch.multiprocessing as mp
+    from test_generate_parallel import _free_port, _inputs, _worker
+
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), [(1, 2, 1)], [SINK_CASE]), nprocs=2)
+    model = make_model()
+    emb, mask, sc, prefix = _inputs(SINK_CASE)
+    with torch.no_grad():
+        sampler = ChunkSampler(model, emb, mask, H, W, sc, prefix)
+        want = sampler.generate()
+    for rank in range(2):
+        got = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"), weights_only=True)
+        torch.testing.assert_close(got["121_0"], want, rtol=1e-5, atol=1e-5)
+        nbytes, chunks = got["121_0_cache"].tolist()
+        assert chunks == 2 and nbytes == sampler.cache.nbytes() / 2
