@@ -366,22 +366,46 @@ def test_multi_rank_sampler_on_one_rank_with_sink_and_context_t():
     assert (plain - want).abs().max() > 1e-3
 
 
+def _cp2_worker(rank, port, out_dir, cases):
+    import os
+
+    import torch.distributed as dist
+    from magitrain.parallel_generate import ParallelChunkSampler
+    from test_generate_parallel import _inputs
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    results = {}
+    for i, case in enumerate(cases):
+        emb, mask, sc, prefix = _inputs(case)
+        sampler = ParallelChunkSampler(make_model(), emb, mask, H, W, sc, prefix, cp_group=dist.group.WORLD,
+                                       chunk_size=4, overlap_stages=2)
+        results[f"121_{i}"] = sampler.generate()
+        results[f"121_{i}_cache"] = torch.tensor([sampler.cache.nbytes(), sampler.cache.num_chunks])
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_cp2_sampler_with_sink_equals_one_process(tmp_path):
-    """cp=2 over gloo (2 processes): each rank caches half of every chunk, sink kept, oldest recent dropped."""
+    """cp=2 over gloo (2 processes): each rank caches half of every chunk, sink kept, oldest recent dropped;
+    and the sliding context without a sink (test_generate_parallel's first case) as before."""
     import os
 
     import torch.multiprocessing as mp
-    from test_generate_parallel import _free_port, _inputs, _worker
+    from test_generate_parallel import CASES, _free_port, _inputs
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), [(1, 2, 1)], [SINK_CASE]), nprocs=2)
+    cases = [SINK_CASE, CASES[0]]
+    mp.spawn(_cp2_worker, args=(_free_port(), str(tmp_path), cases), nprocs=2)
     model = make_model()
-    emb, mask, sc, prefix = _inputs(SINK_CASE)
-    with torch.no_grad():
-        sampler = ChunkSampler(model, emb, mask, H, W, sc, prefix)
-        want = sampler.generate()
-    for rank in range(2):
-        got = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"), weights_only=True)
-        torch.testing.assert_close(got["121_0"], want, rtol=1e-5, atol=1e-5)
-        nbytes, chunks = got["121_0_cache"].tolist()
-        assert chunks == 2 and nbytes == sampler.cache.nbytes() / 2
+    got = [torch.load(os.path.join(tmp_path, f"rank{rank}.pt"), weights_only=True) for rank in range(2)]
+    for i, case in enumerate(cases):
+        emb, mask, sc, prefix = _inputs(case)
+        with torch.no_grad():
+            sampler = ChunkSampler(model, emb, mask, H, W, sc, prefix)
+            want = sampler.generate()
+        for rank in range(2):
+            torch.testing.assert_close(got[rank][f"121_{i}"], want, rtol=1e-5, atol=1e-5)
+            nbytes, chunks = got[rank][f"121_{i}_cache"].tolist()
+            assert chunks == sampler.cache.num_chunks and nbytes == sampler.cache.nbytes() / 2
