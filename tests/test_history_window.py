@@ -409,3 +409,29 @@ def test_cp2_sampler_with_sink_equals_one_process(tmp_path):
             torch.testing.assert_close(got[rank][f"121_{i}"], want, rtol=1e-5, atol=1e-5)
             nbytes, chunks = got[rank][f"121_{i}_cache"].tolist()
             assert chunks == sampler.cache.num_chunks and nbytes == sampler.cache.nbytes() / 2
+
+
+def test_validation_samples_with_the_trained_rule(tmp_path):
+    from conftest import tiny_config
+    from magitrain.model import MagiDiT
+    from magitrain.validation import stream_sample
+
+    keys = ["eval.sample_steps=2", "eval.sample_window=1", "eval.sample_chunks=5", "data.height=4", "data.width=4"]
+    ruled = tiny_config(tmp_path, *keys, "model.sink_chunks=1", "model.max_context_chunks=1")
+    torch.manual_seed(0)
+    model = MagiDiT(ruled.model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    m = ruled.model
+    emb = torch.randn(1, m.caption_max_length, m.caption_channels, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(1, m.caption_max_length, dtype=torch.bool)
+    with torch.no_grad():
+        got = torch.cat(list(stream_sample(model, ruled, emb, mask)), dim=1)
+        e = ruled.eval
+        sc = SamplerConfig(steps=2, window=1, cfg_scale=e.cfg_scale, seed=e.sample_seed, sink_chunks=1,
+                           max_context_chunks=1)
+        want = ChunkSampler(model, emb.expand(5, -1, -1), mask.expand(5, -1), 4, 4, sc).generate()
+        plain = torch.cat(list(stream_sample(model, tiny_config(tmp_path, *keys), emb, mask)), dim=1)
+    assert torch.equal(got, want)
+    assert (plain - got).abs().max() > 1e-3
