@@ -15,8 +15,8 @@ schedule, same prefix handling, same output) with three things changed:
    stage ``s`` is computed), :func:`~magitrain.parallel.attention.restrict_slices` (the local
    masks) and the LSE merge. Plans are cached per window shape (:class:`InferencePlan`).
 2. **Writes fused into the next tick.** A finished chunk's K/V write (its forward at
-   ``clean_t``, or re-noised to ``context_t``) is not a forward of its own: it rides along in the next tick's forward as one
-   more sample (the "written chunk"), which the window passes attend to as context. Per layer
+   ``clean_t``, or re-noised to ``context_t``) is not a forward of its own: it rides along in
+   the next tick's forward as one more sample (the "written chunk"), which the window passes attend to as context. Per layer
    its K/V depend only on what it sees (the cache and itself), so this is exact, and the
    chunk is handed out before its write runs (time to first chunk is unchanged). Its tokens
    are dealt round-robin, one dispatch chunk per rank, so each rank caches ``1/cp`` of it.
