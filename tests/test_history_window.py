@@ -210,6 +210,21 @@ def test_model_config_keys_reach_training_batches(tmp_path):
             tiny_config(tmp_path, bad)
 
 
+def test_webdataset_batches_carry_the_rule(tmp_path):
+    """The shard reader's packer (through ``Geometry``) and the loader's CP solve-ahead see the rule."""
+    from magitrain.data_pipeline.source import WebDatasetSource
+    from test_data_common import tiny_cfg, write_latent_shards
+
+    write_latent_shards(str(tmp_path), [[(8, 4, 4)] * 2])  # 4 chunks of 2 latent frames
+    cfg = tiny_cfg(str(tmp_path), "data.num_workers=0", "data.seq_tokens=64", "data.batch_size=1",
+                   "model.sink_chunks=1", "model.max_context_chunks=1")
+    batch = WebDatasetSource(cfg, 0, 1, epochs=1).next_batch()
+    assert (batch.layout.sink_chunks, batch.layout.max_context_chunks) == (1, 1)
+    assert batch.layout.self_attn_slices() != PackedLayout.pack(
+        [(s.frames, s.height, s.width, s.chunk_frames) for s in batch.layout.samples],
+        batch.layout.total_tokens).self_attn_slices()
+
+
 def test_generate_defaults_to_the_trained_rule_and_flags_override():
     from magitrain.generate import history_window
 
