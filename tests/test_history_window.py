@@ -247,6 +247,33 @@ def test_magi1_release_config_keeps_the_trained_rule():
     assert model_config_from_json(old, "x") == ModelConfig()
 
 
+def test_cli_defaults_to_the_checkpoints_rule(tmp_path):
+    """A checkpoint trained with (sink 1, K 1): generate without flags equals the explicit flags, and
+    the flags override it (all history differs)."""
+    import numpy as np
+    from conftest import tiny_config
+    from magitrain.checkpoint import Checkpointer, ModelState
+    from magitrain.config import to_yaml
+    from magitrain.generate import main
+    from magitrain.model import MagiDiT
+
+    cfg = tiny_config(tmp_path, "model.sink_chunks=1", "model.max_context_chunks=1", "data.height=4", "data.width=4")
+    torch.manual_seed(0)
+    model = MagiDiT(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    Checkpointer(cfg.run.dir).save(1, {"model": ModelState(model)}, to_yaml(cfg))
+    base = ["--ckpt", cfg.run.dir, "--steps", "2", "--window", "1", "--quiet", "--chunks", "5", "--prompt", "x"]
+    out = {}
+    for name, extra in (("default", []), ("explicit", ["--sink-chunks", "1", "--max-context", "1"]),
+                        ("all", ["--sink-chunks", "0", "--max-context", "8"])):
+        assert main(base + ["--out", str(tmp_path / f"{name}.mp4")] + extra) == 0
+        out[name] = np.load(tmp_path / f"{name}.npy")
+    assert np.array_equal(out["default"], out["explicit"])
+    assert np.abs(out["default"] - out["all"]).max() > 1e-3
+
+
 def test_cli_refuses_bad_sink_and_context_flags(random_ckpt, tmp_path, capsys):
     from magitrain.generate import main
 
