@@ -56,6 +56,8 @@ class KVCache:
         self._v: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self._kv: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * num_layers  # concatenated, lazily
         self.chunks_written = 0  # every chunk ever written (dropped ones included)
+        # READ: which cached rows each query row sees ([queries, cached rows] slices); None: all of them
+        self.read_slices: Optional[AttnSlices] = None
 
     @property
     def num_chunks(self) -> int:
@@ -65,6 +67,11 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes of K/V held (the per-chunk tensors; the concatenated views add the same again)."""
         return sum(t.numel() * t.element_size() for layer in self._k + self._v for t in layer)
+
+    @property
+    def num_tokens(self) -> int:
+        """Cached rows (tokens) held now."""
+        return sum(t.shape[0] for t in self._k[0])
 
     def kv(self, layer: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """The cached ``(k, v)`` of ``layer``, oldest chunk first, or None when empty."""
@@ -98,9 +105,12 @@ class CachedAttention(nn.Module):
         if cached is not None:
             ck, cv = cached
             n, m = q.shape[0], ck.shape[0]
-            out_c, lse_c = slice_attention(q, ck, cv, AttnSlices([AttnSlice((0, n), (0, m))], n, m))
-            out, _ = merge_partials([(0, out, lse), (0, out_c, lse_c)], n, q.shape[1], q.shape[2], q.device,
-                                    q.dtype)
+            sl = self.cache.read_slices if self.cache.mode == READ else None
+            sl = AttnSlices([AttnSlice((0, n), (0, m))], n, m) if sl is None else sl
+            if len(sl):
+                out_c, lse_c = slice_attention(q, ck, cv, sl)
+                out, _ = merge_partials([(0, out, lse), (0, out_c, lse_c)], n, q.shape[1], q.shape[2], q.device,
+                                        q.dtype)
         if self.cache.mode == WRITE:
             self.cache.append(self.layer, k, v)
         return out

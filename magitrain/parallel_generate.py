@@ -389,6 +389,9 @@ class ParallelChunkSampler(ChunkSampler):
                  solver: str = "default", overlap_stages: int = 1, fuse_writes: bool = True, overlap: bool = True):
         if not cfg.kv_cache:
             raise ValueError("the parallel sampler always caches K/V (kv_cache=False is a one-process check)")
+        if cfg.strict_history:
+            raise ValueError("strict_history (--strict-history) is not supported by the multi-rank sampler; "
+                             "generate on one process")
         super().__init__(model, text_emb, text_mask, height, width, cfg, prefix)
         self.group = cp_group
         self.cp = 1 if cp_group is None else dist.get_world_size(cp_group)

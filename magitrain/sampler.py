@@ -58,6 +58,7 @@ import torch
 from magitrain.diffusion import guided_velocity, sampling_schedule
 from magitrain.kv_cache import OFF, READ, WRITE, KVCache, kv_cache_attached
 from magitrain.layout import PackedLayout, patchify, unpatchify
+from magitrain.parallel.mask import AttnSlice, AttnSlices
 
 SOLVERS = ("euler", "heun")
 
@@ -75,6 +76,9 @@ class SamplerConfig:
     max_context_chunks: Optional[int] = None  # sliding context: finished chunks kept in the cache
     sink_chunks: int = 0  # attention sink: the first chunks, kept in the cache besides max_context_chunks
     context_t: Optional[float] = None  # level finished chunks are re-noised to when cached (None: clean_t, as is)
+    # every window chunk too sees only the sink and its max_context_chunks predecessors (the training mask's
+    # rule); False: the window chunks see the whole cache plus the window chunks before them
+    strict_history: bool = False
     seed: int = 0
     kv_cache: bool = True  # False: every evaluation re-encodes the finished context chunks (slow; a check)
 
@@ -96,6 +100,8 @@ class SamplerConfig:
                              "chunk stays in the cache: a sink means nothing)")
         if self.sink_chunks and not self.kv_cache:
             raise ValueError("sink_chunks needs the KV cache (kv_cache=False re-encodes one contiguous context)")
+        if self.strict_history and (self.max_context_chunks is None or not self.kv_cache):
+            raise ValueError("strict_history needs max_context_chunks and the KV cache")
         if self.context_t is not None and not 0.0 <= self.context_t <= 1.0:
             raise ValueError(f"context_t={self.context_t} must be in [0, 1] (1: clean)")
 
@@ -244,17 +250,42 @@ class ChunkSampler:
         null = torch.cat([torch.zeros(len(ctx), dtype=torch.bool, device=self.device),
                           torch.ones(len(idx), dtype=torch.bool, device=self.device)])
         passes = self.cfg.passes
+        if self.cfg.strict_history:
+            layout = self._strict_window(idx)
         self.cache.mode = READ if self.cfg.kv_cache else OFF
-        v_full = self.model(x, t, emb, mask, layout, **self._step_size(step))[window]
-        v_no_text = self.model(x, t, emb, mask, layout, text_null=null)[window] if passes >= 2 else None
-        v_uncond = None
-        if passes == 3:
-            self.cache.mode = OFF
-            v_uncond = self.model(x, t, emb, mask, layout, text_null=null,
-                                  drop_history=torch.ones(1, dtype=torch.bool, device=self.device))[window]
-        self.cache.mode = READ
+        try:
+            v_full = self.model(x, t, emb, mask, layout, **self._step_size(step))[window]
+            v_no_text = self.model(x, t, emb, mask, layout, text_null=null)[window] if passes >= 2 else None
+            v_uncond = None
+            if passes == 3:
+                self.cache.mode = OFF
+                v_uncond = self.model(x, t, emb, mask, layout, text_null=null,
+                                      drop_history=torch.ones(1, dtype=torch.bool, device=self.device))[window]
+        finally:
+            self.cache.mode, self.cache.read_slices = READ, None
         self.evaluations += passes
         return guided_velocity(v_full, v_no_text, v_uncond, self.cfg.history_scale or 1.0, self.cfg.cfg_scale)
+
+    def _strict_window(self, idx: list[int]) -> PackedLayout:
+        """``strict_history``: the window's layout under the training rule (its sink part: the window chunks
+        with index < sink_chunks) and, set on the cache, the cached rows each window chunk ``j`` sees: the sink
+        and the last ``max_context_chunks - j`` recent chunks (chunks ``>= idx[j] - K``)."""
+        frames, ct, k = self.grid[0], self.chunk_shape[0], self.cfg.max_context_chunks
+        held = self.cache.num_chunks
+        sink = min(self.cfg.sink_chunks, held)
+        recent, m = held - sink, self.cache.num_tokens
+        slices = []
+        for j in range(len(idx)):
+            q = (j * ct, (j + 1) * ct)
+            r = min(recent, max(0, k - j))
+            if sink:
+                slices.append(AttnSlice(q, (0, sink * ct)))
+            if r:
+                slices.append(AttnSlice(q, (m - r * ct, m)))
+        self.cache.read_slices = AttnSlices(slices, len(idx) * ct, m)
+        return PackedLayout.pack([(len(idx) * frames, self.grid[1], self.grid[2], frames)],
+                                 frame_offsets=[idx[0] * frames], sink_chunks=max(0, self.cfg.sink_chunks - idx[0]),
+                                 max_context_chunks=k)
 
     def _context_tokens(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """A finished chunk as the cache sees it: as is (``context_t`` None), else re-noised to

@@ -34,7 +34,8 @@ def visible(c: int, j: int, sink: int, k: int) -> bool:
 def reference_stream(model, emb, mask, cfg: SamplerConfig):
     """Every evaluation reruns ``[every finished chunk | window]`` through the plain model with a dense-rule
     mask: finished chunk ``c`` sees ``visible(c, j)``; a window chunk sees the sink, the ``K`` finished chunks
-    before the window and the window chunks up to itself. Finished chunks enter re-noised to ``context_t``."""
+    before the window and the window chunks up to itself (``strict_history``: every chunk sees ``visible(c, j)``).
+    Finished chunks enter re-noised to ``context_t``."""
     mc = model.cfg
     p, cf = mc.patch_size, mc.chunk_frames
     h, w = H // p, W // p
@@ -56,7 +57,7 @@ def reference_stream(model, emb, mask, cfg: SamplerConfig):
             rows = []
             for c in range(f + a):
                 q = (c * ct, (c + 1) * ct)
-                if c < f:  # a finished chunk: what it saw when it was written
+                if c < f or cfg.strict_history:  # a finished chunk: what it saw when written; strict: the rule
                     rows += [AttnSlice(q, (j * ct, (j + 1) * ct)) for j in range(c + 1) if visible(c, j, s, k)]
                 else:  # a window chunk: the context of the window's first chunk, then the window up to itself
                     rows += [AttnSlice(q, (j * ct, (j + 1) * ct)) for j in range(f) if visible(f, j, s, k)]
@@ -88,23 +89,26 @@ def reference_stream(model, emb, mask, cfg: SamplerConfig):
     return torch.cat([unpatchify(c, cf, h, w) for c in finished], dim=1)
 
 
-@pytest.mark.parametrize("sink, k, window, context_t", [
-    (0, 1, 1, None), (1, 1, 1, None), (2, 1, 2, None), (1, 2, 2, None), (1, 1, 1, 0.8),
+@pytest.mark.parametrize("sink, k, window, context_t, strict", [
+    (0, 1, 1, None, False), (1, 1, 1, None, False), (2, 1, 2, None, False), (1, 2, 2, None, False),
+    (1, 1, 1, 0.8, False), (1, 1, 3, None, True), (0, 1, 2, None, True), (2, 1, 3, 0.9, True),
 ])
-def test_rolled_cache_equals_cache_free_reference(sink, k, window, context_t):
-    """fp64: the streamed video with a sink + rolling window (and a context level) equals the reference."""
+def test_rolled_cache_equals_cache_free_reference(sink, k, window, context_t, strict):
+    """fp64: the streamed video with a sink + rolling window (and a context level; and the strict window,
+    where every chunk sees exactly the training rule) equals the reference."""
     model = make_model(torch.float64)
     emb, mask = make_text(6, switches=(3,), dtype=torch.float64)
-    cfg = SamplerConfig(steps=2, window=window, cfg_scale=2.0, history_scale=1.5, seed=2, sink_chunks=sink,
-                        max_context_chunks=k, context_t=context_t)
+    cfg = SamplerConfig(steps=window if strict else 2, window=window, cfg_scale=2.0, history_scale=1.5, seed=2,
+                        sink_chunks=sink, max_context_chunks=k, context_t=context_t, strict_history=strict)
     with torch.no_grad():
         got = ChunkSampler(model, emb, mask, H, W, cfg).generate()
         want = reference_stream(model, emb, mask, cfg)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
-    other = SamplerConfig(**{**cfg.__dict__, "sink_chunks": 0 if sink else 1})  # the rule matters
-    with torch.no_grad():
-        moved = ChunkSampler(model, emb, mask, H, W, other).generate()
-    assert (moved - got).abs().max() > 1e-3
+    flips = [{"sink_chunks": 0 if sink else 1}] + ([{"strict_history": False}] if strict else [])
+    for flip in flips:  # the rule matters
+        with torch.no_grad():
+            moved = ChunkSampler(model, emb, mask, H, W, SamplerConfig(**{**cfg.__dict__, **flip})).generate()
+        assert (moved - got).abs().max() > 1e-3, flip
 
 
 def peak_cache_bytes(model, chunks: int, sink: int, k: int) -> tuple[int, int]:
