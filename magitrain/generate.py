@@ -26,6 +26,8 @@ Long videos: ``--sink-chunks S --max-context K`` keep the first ``S`` finished c
 for good plus the ``K`` most recent (flat memory); both default to the checkpoint's
 ``model.sink_chunks`` / ``model.max_context_chunks`` (the mask it was trained with). ``--context-t T``
 caches each finished chunk re-noised to level ``T`` (seeded), as training with ``diffusion.history_t``.
+``--strict-history`` also limits each window chunk to the sink and its ``K`` predecessors (the training
+mask exactly, for ``--window > 1``).
 
 ``--contact-sheet PATH`` also writes a PNG with one row per chunk (its frames left to right), to look
 at without a video player. Whether a video follows its caption is scored by :mod:`magitrain.caption_score`
@@ -211,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink-chunks", type=int, help="attention sink: the first S finished chunks stay in the KV cache "
                    "besides the --max-context most recent, so memory is flat (default: the checkpoint's "
                    "model.sink_chunks, else 0); needs --max-context")
+    p.add_argument("--strict-history", action="store_true", help="every window chunk too sees only the sink and its "
+                   "--max-context predecessors, exactly the training mask of model.max_context_chunks (default: the "
+                   "window chunks also see the whole cache; one process only)")
     p.add_argument("--context-t", type=float, help="level finished chunks are re-noised to (seeded noise) before their "
                    "K/V are cached, told t=T (default: the run's diffusion.clean_t, the chunk as is)")
     p.add_argument("--seed", type=int, default=0)
@@ -327,7 +332,8 @@ def run(args: argparse.Namespace) -> dict:
                                 cfg_scale=args.cfg_scale, history_scale=args.history_scale,
                                 clean_t=cfg.diffusion.clean_t, max_context_chunks=max_context, seed=args.seed,
                                 kv_cache=not args.no_kv_cache, sink_chunks=sink,
-                                context_t=getattr(args, "context_t", None))
+                                context_t=getattr(args, "context_t", None),
+                                strict_history=getattr(args, "strict_history", False))
     if env is None:
         sampler = ChunkSampler(model, emb, mask, height, width, sampler_cfg, prefix)
     else:

@@ -271,11 +271,14 @@ def test_cli_defaults_to_the_checkpoints_rule(tmp_path):
     base = ["--ckpt", cfg.run.dir, "--steps", "2", "--window", "1", "--quiet", "--chunks", "5", "--prompt", "x"]
     out = {}
     for name, extra in (("default", []), ("explicit", ["--sink-chunks", "1", "--max-context", "1"]),
-                        ("all", ["--sink-chunks", "0", "--max-context", "8"])):
+                        ("all", ["--sink-chunks", "0", "--max-context", "8"]), ("strict", ["--strict-history"]),
+                        ("w2", ["--window", "2"]), ("w2_strict", ["--window", "2", "--strict-history"])):
         assert main(base + ["--out", str(tmp_path / f"{name}.mp4")] + extra) == 0
         out[name] = np.load(tmp_path / f"{name}.npy")
     assert np.array_equal(out["default"], out["explicit"])
     assert np.abs(out["default"] - out["all"]).max() > 1e-3
+    assert np.array_equal(out["default"], out["strict"])  # --window 1: the strict window is the same rule
+    assert np.abs(out["w2"] - out["w2_strict"]).max() > 1e-3
 
 
 def test_cli_refuses_bad_sink_and_context_flags(random_ckpt, tmp_path, capsys):
@@ -284,7 +287,7 @@ def test_cli_refuses_bad_sink_and_context_flags(random_ckpt, tmp_path, capsys):
     base = ["--ckpt", random_ckpt, "--out", str(tmp_path / "v.mp4"), "--steps", "2", "--window", "1", "--quiet",
             "--chunks", "3", "--prompt", "x"]
     for extra, message in ((["--sink-chunks", "-1"], "--sink-chunks"), (["--sink-chunks", "1"], "max_context"),
-                           (["--context-t", "1.5"], "--context-t")):
+                           (["--context-t", "1.5"], "--context-t"), (["--strict-history"], "strict_history")):
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
