@@ -34,7 +34,9 @@ Attention sink + rolling window (``sink_chunks = S`` with ``max_context_chunks =
 keeps the first ``S`` finished chunks for good and the ``K`` most recent after them, so its
 memory is flat for any length; a chunk's K/V are written seeing exactly those (and itself), and
 the window chunks see them plus the window chunks before them. Trained for by the same rule on
-the packed mask (``model.sink_chunks`` / ``model.max_context_chunks``, :mod:`magitrain.layout`).
+the packed mask (``model.sink_chunks`` / ``model.max_context_chunks``, :mod:`magitrain.layout`);
+``strict_history`` holds every window chunk to that rule as well (the sink and its ``K``
+predecessors, cached or in the window), which is the training mask exactly for any window.
 
 History level (``context_t = T``): a finished chunk is cached from ``T * x + (1 - T) * noise``
 (:func:`context_noise`, seeded by ``(seed, chunk)``) with the model told ``t = T``, matching
