@@ -41,6 +41,8 @@ class Geometry:
     channels: int
     temporal_factor: int = 4
     spatial_factor: int = 8
+    sink_chunks: int = 0  # the packed mask's history rule (model.sink_chunks / model.max_context_chunks)
+    max_context_chunks: int = 0
 
     def tokens(self, frames: int, height: int, width: int) -> int:
         return frames // self.t_patch * (height // self.patch) * (width // self.patch)

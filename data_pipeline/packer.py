@@ -60,7 +60,8 @@ class Packer(Generic[T]):
 def to_batch(samples: list[Prepared], seq_tokens: int, geo: Geometry) -> Batch:
     """One packed sequence: patch tokens of every sample end to end, zero padding to ``seq_tokens``."""
     grids = [s.grid(geo) for s in samples]
-    layout = PackedLayout.pack(grids, seq_tokens)
+    layout = PackedLayout.pack(grids, seq_tokens, sink_chunks=geo.sink_chunks,
+                               max_context_chunks=geo.max_context_chunks)
     tokens = [patchify(s.latent, geo.t_patch, geo.patch, geo.patch) for s in samples]
     n = layout.num_sample_tokens
     shape = (seq_tokens - n, geo.channels, geo.t_patch, geo.patch, geo.patch)

@@ -39,7 +39,8 @@ def collate(items: list[tuple[Batch, dict]], ahead: AheadSpec | None = None) -> 
 def geometry(cfg: Config) -> Geometry:
     m, d = cfg.model, cfg.data
     tf, sf = latent_factors(d.latent_encoder, m.in_channels, d.latent_encoder_weights)
-    return Geometry(m.t_patch_size, m.patch_size, m.chunk_frames, m.in_channels, tf, sf)
+    return Geometry(m.t_patch_size, m.patch_size, m.chunk_frames, m.in_channels, tf, sf, m.sink_chunks,
+                    m.max_context_chunks)
 
 
 class WebDatasetSource:

@@ -80,7 +80,10 @@ def _concat_with_inner_padding(batches: list[Batch]) -> Batch:
             grids.append((s.frames, s.height, s.width, s.chunk_frames))
             offsets.append(s.frame_offset)
     total = sum(b.layout.total_tokens for b in batches)
-    layout = PackedLayout.pack(grids, total, offsets)
+    rules = {(b.layout.sink_chunks, b.layout.max_context_chunks) for b in batches}
+    if len(rules) != 1:
+        raise ValueError(f"cannot concatenate batches packed with different history rules {sorted(rules)}")
+    layout = PackedLayout.pack(grids, total, offsets, *rules.pop())
     return Batch(torch.cat(data_parts + pad_parts), layout,
                  torch.cat([b.text_emb for b in batches]), torch.cat([b.text_mask for b in batches]),
                  [c for b in batches for c in b.captions], [i for b in batches for i in b.sample_ids])

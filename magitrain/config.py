@@ -60,6 +60,10 @@ class ModelConfig:
     gate_softcap: float = 1.0
     rope_ref_grid: int = 16  # RoPE rescales (rows, cols) to a grid of this side
     chunk_frames: int = 2  # latent frames per chunk (MAGI-1: 6)
+    # training visibility for a rolled KV cache (generate --sink-chunks/--max-context): chunk c of a sample sees
+    # its first sink_chunks chunks and its max_context_chunks predecessors (0: all history, MAGI-1's mask)
+    sink_chunks: int = 0
+    max_context_chunks: int = 0
     step_size_conditioning: bool = False  # shortcut-distilled models embed the step size too
     # how the step size is embedded: magi1 = MAGI-1's shared t_embedder (no new keys, loads MAGI-1's distilled
     # weights); zero_init = its own embedder whose last layer starts at zero (a base checkpoint starts unchanged)
@@ -107,6 +111,9 @@ class DiffusionConfig:
     caption_dropout: float = 0.1
     history_dropout: float = 0.1  # a sample whose chunks see only themselves (3-pass CFG)
     clean_t: float = 1.0
+    # history noise: [low, high] draws each sample's clean-prefix level t ~ U(low, high) (the chunks stay out of
+    # the loss; generate --context-t matches it at inference); []: clean_t, as before
+    history_t: list = field(default_factory=list)
 
 
 @dataclass
@@ -298,6 +305,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         v = getattr(cfg.diffusion, key)
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"diffusion.{key}={v} must be in [0, 1]")
+    for key in ("sink_chunks", "max_context_chunks"):
+        _positive(f"model.{key}", getattr(m, key), zero_ok=True)
+    if m.sink_chunks and not m.max_context_chunks:
+        raise ConfigError(f"model.sink_chunks={m.sink_chunks} needs model.max_context_chunks > 0 (with all history "
+                          "visible a sink changes nothing)")
+    ht = cfg.diffusion.history_t
+    if len(ht) not in (0, 2) or not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in ht) \
+            or (ht and ht[0] > ht[1]):
+        raise ConfigError(f"diffusion.history_t={list(ht)} must be [] (clean_t) or [low, high] with "
+                          "0 <= low <= high <= 1")
     _choice("data.source", d.source, ("synthetic", "webdataset"))
     _check_shards("data.shards", d.shards)
     for i, stage in enumerate(d.curriculum):

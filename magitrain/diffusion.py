@@ -8,7 +8,10 @@ Every chunk carries its own ``t``. Within a sample the noise level never decreas
 earlier to later chunks (earlier chunks are cleaner: larger ``t``), which is what makes
 chunk-by-chunk streaming generation possible (the denoising window). A sample may hold its
 first chunks clean (``t = clean_t``) as context, as in image-to-video and continuation; those
-chunks carry no loss.
+chunks carry no loss. With ``history_t = [low, high]`` (history noise augmentation) the context
+chunks of a sample are instead noised to one level ``t ~ U(low, high)`` drawn per sample, so the
+model learns to read imperfect history; the sampler caches finished chunks at a matching level
+(``context_t``). The level is the sample's last draw, so every other draw is unchanged.
 
 Randomness is drawn per sample from a generator seeded by ``(seed, step, sample_id)``, so
 the noise, times and dropouts of a sample do not depend on how the batch is split over
@@ -103,6 +106,10 @@ def noise_batch(batch: Batch, cfg: DiffusionConfig, seed: int, step: int) -> Noi
         drop_caption = torch.rand(1, generator=gen).item() < cfg.caption_dropout
         text_null[chunk:chunk + s.num_chunks] = drop_caption
         drop_history[i] = torch.rand(1, generator=gen).item() < cfg.history_dropout
+        if clean and cfg.history_t:
+            low, high = cfg.history_t
+            level = low + (high - low) * torch.rand(1, generator=gen, dtype=torch.float64).item()
+            t[chunk:chunk + clean] = level
         chunk_counts_loss[chunk + clean:chunk + s.num_chunks] = True
         chunk += s.num_chunks
     chunk_ids = layout.token_chunk_ids()

@@ -22,6 +22,13 @@ the checkpoint, of any training layout, into the TP shards and samples with
 :class:`~magitrain.parallel_generate.ParallelChunkSampler` (heads over tp, window and KV cache over cp);
 every rank samples the same video, rank 0 writes the outputs.
 
+Long videos: ``--sink-chunks S --max-context K`` keep the first ``S`` finished chunks in the KV cache
+for good plus the ``K`` most recent (flat memory); both default to the checkpoint's
+``model.sink_chunks`` / ``model.max_context_chunks`` (the mask it was trained with). ``--context-t T``
+caches each finished chunk re-noised to level ``T`` (seeded), as training with ``diffusion.history_t``.
+``--strict-history`` also limits each window chunk to the sink and its ``K`` predecessors (the training
+mask exactly, for ``--window > 1``).
+
 ``--contact-sheet PATH`` also writes a PNG with one row per chunk (its frames left to right), to look
 at without a video player. Whether a video follows its caption is scored by :mod:`magitrain.caption_score`
 (the demo's check).
@@ -201,7 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", choices=SOLVERS, default="euler")
     p.add_argument("--shift", type=float, help="timestep shift of the schedule (default 3 as MAGI-1; a distilled "
                    "checkpoint: its distillation schedule's)")
-    p.add_argument("--max-context", type=int, help="finished chunks kept in the KV cache (default: all)")
+    p.add_argument("--max-context", type=int, help="finished chunks kept in the KV cache, the most recent (default: "
+                   "the checkpoint's model.max_context_chunks, else all)")
+    p.add_argument("--sink-chunks", type=int, help="attention sink: the first S finished chunks stay in the KV cache "
+                   "besides the --max-context most recent, so memory is flat (default: the checkpoint's "
+                   "model.sink_chunks, else 0); needs --max-context")
+    p.add_argument("--strict-history", action="store_true", help="every window chunk too sees only the sink and its "
+                   "--max-context predecessors, exactly the training mask of model.max_context_chunks (default: the "
+                   "window chunks also see the whole cache; one process only)")
+    p.add_argument("--context-t", type=float, help="level finished chunks are re-noised to (seeded noise) before their "
+                   "K/V are cached, told t=T (default: the run's diffusion.clean_t, the chunk as is)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefix", help="clean start: latent .npy [C, T, H, W], or an image / video file")
     p.add_argument("--height", type=int, help="latent height (default: the training data's)")
@@ -238,6 +254,11 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag}={value} must be >= 1")
     if args.max_context is not None and args.max_context < 0:
         raise ValueError(f"--max-context={args.max_context} must be >= 0")
+    if getattr(args, "sink_chunks", None) is not None and args.sink_chunks < 0:
+        raise ValueError(f"--sink-chunks={args.sink_chunks} must be >= 0")
+    context_t = getattr(args, "context_t", None)
+    if context_t is not None and not (math.isfinite(context_t) and 0.0 <= context_t <= 1.0):
+        raise ValueError(f"--context-t={context_t} must be in [0, 1] (1: clean)")
     if args.window < 1 or args.fps < 1:
         raise ValueError(f"--window={args.window} and --fps={args.fps} must be >= 1")
     for flag, value in (("--cfg-scale", args.cfg_scale), ("--history-scale", args.history_scale),
@@ -259,6 +280,18 @@ def _encoder_spec(flag_value: Optional[str], config_value: str, key: str, flag: 
         return config_value
     raise ValueError(f"the checkpoint's config names {key}={config_value!r}, a module that would be imported and "
                      f"run; pass {flag} {config_value} or --trust-config-code if you trust it")
+
+
+def history_window(args: argparse.Namespace, m: ModelConfig) -> tuple[Optional[int], int]:
+    """``(max_context_chunks, sink_chunks)`` of the sampler: the flags where given, else the visibility the
+    checkpoint was trained with (``model.max_context_chunks``, 0 = all history; ``model.sink_chunks``)."""
+    max_context = args.max_context
+    if max_context is None and m.max_context_chunks > 0:
+        max_context = m.max_context_chunks
+    sink = getattr(args, "sink_chunks", None)
+    if sink is None:
+        sink = m.sink_chunks
+    return max_context, sink
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -293,11 +326,14 @@ def run(args: argparse.Namespace) -> dict:
     steps, shift = args.steps, args.shift
     if m.step_size_conditioning:  # shortcut + guidance distilled: its own schedule, one pass (no guidance flags)
         steps, shift = steps or min(cfg.distill.step_counts), cfg.distill.schedule_shift if shift is None else shift
+    max_context, sink = history_window(args, m)
     sampler_cfg = SamplerConfig(steps=steps or 32, window=args.window, solver=args.solver,
                                 shift=3.0 if shift is None else shift,
                                 cfg_scale=args.cfg_scale, history_scale=args.history_scale,
-                                clean_t=cfg.diffusion.clean_t, max_context_chunks=args.max_context, seed=args.seed,
-                                kv_cache=not args.no_kv_cache)
+                                clean_t=cfg.diffusion.clean_t, max_context_chunks=max_context, seed=args.seed,
+                                kv_cache=not args.no_kv_cache, sink_chunks=sink,
+                                context_t=getattr(args, "context_t", None),
+                                strict_history=getattr(args, "strict_history", False))
     if env is None:
         sampler = ChunkSampler(model, emb, mask, height, width, sampler_cfg, prefix)
     else:

@@ -15,6 +15,10 @@ the window's keys.
 ``max_chunks`` caps the chunks kept (sliding context): the oldest chunk is dropped when a new
 one is written, so memory stays flat however long the video. A chunk written under the cap saw
 only the ``max_chunks`` chunks before it, so the cache stays self-consistent.
+
+``sink_chunks = S`` (attention sink, with a cap): the first ``S`` chunks ever written are never
+dropped; the cap applies to the chunks after them, so the cache holds at most ``S + max_chunks``
+chunks, oldest first: ``[sink chunks | the max_chunks most recent]``.
 """
 
 from __future__ import annotations
@@ -32,31 +36,42 @@ READ, WRITE, OFF = "read", "write", "off"
 
 
 class KVCache:
-    """Per-layer K/V ``[tokens, Hk, D]`` of the last ``max_chunks`` clean chunks (all when None).
+    """Per-layer K/V ``[tokens, Hk, D]`` of the first ``sink_chunks`` and the last ``max_chunks``
+    clean chunks (all when ``max_chunks`` is None).
 
     ``mode`` says what the next forward does: ``read`` (window tokens attend to the cache),
     ``write`` (also append this forward's K/V as one new chunk), ``off`` (ignore the cache:
     the history-free CFG pass).
     """
 
-    def __init__(self, num_layers: int, max_chunks: Optional[int] = None):
+    def __init__(self, num_layers: int, max_chunks: Optional[int] = None, sink_chunks: int = 0):
         if max_chunks is not None and max_chunks < 1:
             raise ValueError(f"max_chunks={max_chunks} must be >= 1 (or None for an unlimited cache)")
-        self.max_chunks = max_chunks
+        if sink_chunks < 0 or (sink_chunks and max_chunks is None):
+            raise ValueError(f"sink_chunks={sink_chunks} must be >= 0, and > 0 only with a max_chunks cap "
+                             "(an unlimited cache keeps every chunk anyway)")
+        self.max_chunks, self.sink_chunks = max_chunks, sink_chunks
         self.mode = READ
         self._k: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self._v: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self._kv: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * num_layers  # concatenated, lazily
         self.chunks_written = 0  # every chunk ever written (dropped ones included)
+        # READ: which cached rows each query row sees ([queries, cached rows] slices); None: all of them
+        self.read_slices: Optional[AttnSlices] = None
 
     @property
     def num_chunks(self) -> int:
-        """Chunks held now (at most ``max_chunks``)."""
+        """Chunks held now (at most ``sink_chunks + max_chunks``)."""
         return len(self._k[0])
 
     def nbytes(self) -> int:
         """Bytes of K/V held (the per-chunk tensors; the concatenated views add the same again)."""
         return sum(t.numel() * t.element_size() for layer in self._k + self._v for t in layer)
+
+    @property
+    def num_tokens(self) -> int:
+        """Cached rows (tokens) held now."""
+        return sum(t.shape[0] for t in self._k[0])
 
     def kv(self, layer: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """The cached ``(k, v)`` of ``layer``, oldest chunk first, or None when empty."""
@@ -67,11 +82,11 @@ class KVCache:
         return self._kv[layer]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store one chunk's ``k, v`` for ``layer``, dropping the oldest beyond ``max_chunks``."""
+        """Store one chunk's ``k, v`` for ``layer``, dropping the oldest non-sink chunk beyond the cap."""
         self._k[layer].append(k.detach())
         self._v[layer].append(v.detach())
-        if self.max_chunks is not None and len(self._k[layer]) > self.max_chunks:
-            del self._k[layer][0], self._v[layer][0]
+        if self.max_chunks is not None and len(self._k[layer]) > self.sink_chunks + self.max_chunks:
+            del self._k[layer][self.sink_chunks], self._v[layer][self.sink_chunks]
         self._kv[layer] = None
         if layer == len(self._k) - 1:
             self.chunks_written += 1
@@ -90,9 +105,12 @@ class CachedAttention(nn.Module):
         if cached is not None:
             ck, cv = cached
             n, m = q.shape[0], ck.shape[0]
-            out_c, lse_c = slice_attention(q, ck, cv, AttnSlices([AttnSlice((0, n), (0, m))], n, m))
-            out, _ = merge_partials([(0, out, lse), (0, out_c, lse_c)], n, q.shape[1], q.shape[2], q.device,
-                                    q.dtype)
+            sl = self.cache.read_slices if self.cache.mode == READ else None
+            sl = AttnSlices([AttnSlice((0, n), (0, m))], n, m) if sl is None else sl
+            if len(sl):
+                out_c, lse_c = slice_attention(q, ck, cv, sl)
+                out, _ = merge_partials([(0, out, lse), (0, out_c, lse_c)], n, q.shape[1], q.shape[2], q.device,
+                                        q.dtype)
         if self.cache.mode == WRITE:
             self.cache.append(self.layer, k, v)
         return out

@@ -12,6 +12,12 @@ order): token ``f * (h * w) + r * w + c``. A sample of ``frames`` latent frames 
 temporal patching) is cut into chunks of ``chunk_frames`` frames; a chunk is the unit of
 noise level, caption and causality. Chunks are numbered globally across the layout in sample
 order: ``chunk_id`` indexes per-chunk tensors such as ``t`` and captions.
+
+The layout also carries the visibility rule of its mask: by default MAGI-1's (a chunk sees
+every earlier chunk of its sample); a layout packed with ``sink_chunks = S`` and
+``max_context_chunks = K > 0`` lets chunk ``c`` see only chunks ``[0, S)`` and ``[c - K, c]``
+of its sample, what a KV cache with an attention sink and a rolling window holds at
+inference (training sets it from ``model.sink_chunks`` / ``model.max_context_chunks``).
 """
 
 from __future__ import annotations
@@ -71,13 +77,20 @@ class SampleSpan:
 
 @dataclass(frozen=True)
 class PackedLayout:
-    """Samples packed end to end in a sequence of ``total_tokens`` (the tail is padding)."""
+    """Samples packed end to end in a sequence of ``total_tokens`` (the tail is padding).
+
+    ``sink_chunks``, ``max_context_chunks``: the mask's history rule (0, 0: all history)."""
 
     samples: tuple[SampleSpan, ...]
     total_tokens: int
+    sink_chunks: int = 0
+    max_context_chunks: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "samples", tuple(self.samples))
+        if self.sink_chunks < 0 or self.max_context_chunks < 0 or (self.sink_chunks and not self.max_context_chunks):
+            raise ValueError(f"sink_chunks={self.sink_chunks}, max_context_chunks={self.max_context_chunks}: both "
+                             "must be >= 0, and a sink needs max_context_chunks > 0")
         pos = 0
         for s in self.samples:
             if s.offset != pos:
@@ -88,14 +101,15 @@ class PackedLayout:
 
     @classmethod
     def pack(cls, grids: Sequence[tuple[int, int, int, int]], total_tokens: int | None = None,
-             frame_offsets: Sequence[int] | None = None) -> "PackedLayout":
+             frame_offsets: Sequence[int] | None = None, sink_chunks: int = 0,
+             max_context_chunks: int = 0) -> "PackedLayout":
         """Lay out samples given as ``(frames, height, width, chunk_frames)`` end to end."""
         spans, offset = [], 0
         for i, (f, h, w, cf) in enumerate(grids):
             fo = 0 if frame_offsets is None else frame_offsets[i]
             spans.append(SampleSpan(offset, f, h, w, cf, fo))
             offset = spans[-1].end
-        return cls(tuple(spans), offset if total_tokens is None else total_tokens)
+        return cls(tuple(spans), offset if total_tokens is None else total_tokens, sink_chunks, max_context_chunks)
 
     @property
     def num_sample_tokens(self) -> int:
@@ -123,19 +137,33 @@ class PackedLayout:
         return [c for s in self.samples for c in range(s.num_chunks)]
 
     def self_attn_slices(self, window_chunks: int | None = None) -> AttnSlices:
-        """Block-causal mask: each chunk sees its own and earlier chunks of its own sample.
+        """Block-causal mask: each chunk sees its own and earlier chunks of its own sample, as the
+        layout's history rule allows (``sink_chunks``, ``max_context_chunks``).
 
         Padding tokens get no slice (they see nothing and nobody sees them).
-        ``window_chunks`` limits the history to the last ``window_chunks`` chunks.
+        ``window_chunks`` limits the history to the last ``window_chunks`` chunks (no sink).
+        A chunk whose sink and recent history are apart gets two slices (sink first), so the
+        slices are in chunk order but not always one per chunk (:meth:`chunk_self_slices`).
         """
-        slices = []
+        return AttnSlices([sl for per_chunk in self.chunk_self_slices(window_chunks) for sl in per_chunk],
+                          self.total_tokens)
+
+    def chunk_self_slices(self, window_chunks: int | None = None) -> list[list[AttnSlice]]:
+        """For every global chunk, the slices of :meth:`self_attn_slices` whose queries are that chunk."""
+        sink, k = (0, window_chunks - 1) if window_chunks is not None else (self.sink_chunks, self.max_context_chunks)
+        rule = window_chunks is not None or k > 0
+        out = []
         for s in self.samples:
             for c in range(s.num_chunks):
-                q0 = s.offset + c * s.chunk_tokens
-                first = 0 if window_chunks is None else max(0, c - window_chunks + 1)
-                slices.append(AttnSlice(AttnRange(q0, q0 + s.chunk_tokens),
-                                        AttnRange(s.offset + first * s.chunk_tokens, q0 + s.chunk_tokens)))
-        return AttnSlices(slices, self.total_tokens)
+                q = AttnRange(s.offset + c * s.chunk_tokens, s.offset + (c + 1) * s.chunk_tokens)
+                first = max(0, c - k) if rule else 0  # the oldest recent chunk it sees
+                if sink and first > sink:  # the sink and the recent chunks are apart: two slices
+                    out.append([AttnSlice(q, AttnRange(s.offset, s.offset + sink * s.chunk_tokens)),
+                                AttnSlice(q, AttnRange(s.offset + first * s.chunk_tokens, q.end))])
+                else:  # one range: from chunk 0 when the sink touches the recent chunks
+                    start = 0 if first <= sink else first
+                    out.append([AttnSlice(q, AttnRange(s.offset + start * s.chunk_tokens, q.end))])
+        return out
 
     def token_chunk_ids(self, device=None) -> torch.Tensor:
         """``[total_tokens]`` long: global chunk index of every token, ``-1`` on padding."""
@@ -171,13 +199,17 @@ class PackedLayout:
         return self.token_chunk_ids(device) >= 0
 
     def to_dict(self) -> dict:
-        return {"total_tokens": self.total_tokens,
-                "samples": [[s.frames, s.height, s.width, s.chunk_frames, s.frame_offset] for s in self.samples]}
+        d = {"total_tokens": self.total_tokens,
+             "samples": [[s.frames, s.height, s.width, s.chunk_frames, s.frame_offset] for s in self.samples]}
+        if self.max_context_chunks:  # only when set: the format of today's layouts is unchanged
+            d.update(sink_chunks=self.sink_chunks, max_context_chunks=self.max_context_chunks)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PackedLayout":
         grids = [tuple(x[:4]) for x in d["samples"]]
-        return cls.pack(grids, d["total_tokens"], [x[4] for x in d["samples"]])
+        return cls.pack(grids, d["total_tokens"], [x[4] for x in d["samples"]], d.get("sink_chunks", 0),
+                        d.get("max_context_chunks", 0))
 
 
 def patchify(latent: torch.Tensor, pt: int, ph: int, pw: int) -> torch.Tensor:

@@ -389,9 +389,10 @@ class MagiDiT(nn.Module):
                 raise ValueError(f"drop_history must be [{len(layout.samples)}] (one per sample), "
                                  f"got {list(drop_history.shape)}")
             drop = drop_history.tolist()
-            own = layout.self_attn_slices(window_chunks=1)  # one slice per chunk, same order as `slices`
-            slices = AttnSlices([o if drop[s] else f for f, o, s in zip(slices, own, layout.chunk_sample_index())],
-                                layout.total_tokens)
+            per_chunk = layout.chunk_self_slices()
+            own = layout.chunk_self_slices(window_chunks=1)  # one slice per chunk: itself
+            slices = AttnSlices([sl for f, o, s in zip(per_chunk, own, layout.chunk_sample_index())
+                                 for sl in (o if drop[s] else f)], layout.total_tokens)
         return TokenMeta(rope_positions(layout, self.cfg.rope_ref_grid).to(device),
                          layout.token_chunk_ids(device), slices)
 

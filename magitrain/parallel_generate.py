@@ -15,8 +15,8 @@ schedule, same prefix handling, same output) with three things changed:
    stage ``s`` is computed), :func:`~magitrain.parallel.attention.restrict_slices` (the local
    masks) and the LSE merge. Plans are cached per window shape (:class:`InferencePlan`).
 2. **Writes fused into the next tick.** A finished chunk's K/V write (its forward at
-   ``clean_t``) is not a forward of its own: it rides along in the next tick's forward as one
-   more sample (the "written chunk"), which the window passes attend to as context. Per layer
+   ``clean_t``, or re-noised to ``context_t``) is not a forward of its own: it rides along in
+   the next tick's forward as one more sample (the "written chunk"), which the window passes attend to as context. Per layer
    its K/V depend only on what it sees (the cache and itself), so this is exact, and the
    chunk is handed out before its write runs (time to first chunk is unchanged). Its tokens
    are dealt round-robin, one dispatch chunk per rank, so each rank caches ``1/cp`` of it.
@@ -71,11 +71,18 @@ class ShardedKVCache:
     ``lengths[c][r]``: rows of cached chunk ``c`` (oldest first) held by rank ``r``; the same
     on every rank (it follows from the dispatch plans, which every rank computes alike).
     Writes are staged per layer during a forward and committed after it (:meth:`commit`), so
-    every layer of one forward sees the same cache. ``max_chunks`` drops the oldest chunk.
+    every layer of one forward sees the same cache. ``max_chunks`` drops the oldest chunk;
+    with ``sink_chunks = S`` the first ``S`` chunks stay and the cap applies to the rest.
+
+    Chunk order (the window attends FULL to the cache, so order is free): ``[recent chunks,
+    oldest first | sink chunks]``, so the chunk a write drops is always each rank's first rows
+    (what the window's ``skip_rows`` skip).
     """
 
-    def __init__(self, num_layers: int, cp: int, max_chunks: int | None = None):
-        self.num_layers, self.cp, self.max_chunks = num_layers, cp, max_chunks
+    def __init__(self, num_layers: int, cp: int, max_chunks: int | None = None, sink_chunks: int = 0):
+        if sink_chunks < 0 or (sink_chunks and max_chunks is None):
+            raise ValueError(f"sink_chunks={sink_chunks} must be >= 0, and > 0 only with a max_chunks cap")
+        self.num_layers, self.cp, self.max_chunks, self.sink_chunks = num_layers, cp, max_chunks, sink_chunks
         self._k: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self._v: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self._seg: list[tuple[int, torch.Tensor, torch.Tensor] | None] = [None] * num_layers
@@ -108,6 +115,11 @@ class ShardedKVCache:
             cached = self._seg[layer] = (padded, k, v)
         return cached[1], cached[2]
 
+    def drops_on_commit(self) -> bool:
+        """Whether the next commit drops a chunk (the oldest recent one: index 0)."""
+        recent = self.num_chunks - min(self.num_chunks, self.sink_chunks)
+        return self.max_chunks is not None and self.num_chunks >= self.sink_chunks and recent + 1 > self.max_chunks
+
     def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self._staged[layer] = (k.detach(), v.detach())
 
@@ -115,14 +127,17 @@ class ShardedKVCache:
         """Append the staged rows of every layer as one new chunk (``lengths``: rows per rank)."""
         if any(s is None for s in self._staged):
             raise RuntimeError("a cache write must stage every layer before it is committed")
+        n = self.num_chunks
+        drop = self.drops_on_commit()
+        pos = n if n < self.sink_chunks else n - self.sink_chunks  # a sink chunk last, a recent one before the sink
         for layer, (k, v) in enumerate(self._staged):
-            self._k[layer].append(k)
-            self._v[layer].append(v)
-            if self.max_chunks is not None and len(self._k[layer]) > self.max_chunks:
+            self._k[layer].insert(pos, k)
+            self._v[layer].insert(pos, v)
+            if drop:
                 del self._k[layer][0], self._v[layer][0]
             self._seg[layer] = None
-        self.lengths.append(tuple(lengths))
-        if self.max_chunks is not None and len(self.lengths) > self.max_chunks:
+        self.lengths.insert(pos, tuple(lengths))
+        if drop:
             del self.lengths[0]
         self._staged = [None] * self.num_layers
         self.chunks_written += 1
@@ -374,6 +389,9 @@ class ParallelChunkSampler(ChunkSampler):
                  solver: str = "default", overlap_stages: int = 1, fuse_writes: bool = True, overlap: bool = True):
         if not cfg.kv_cache:
             raise ValueError("the parallel sampler always caches K/V (kv_cache=False is a one-process check)")
+        if cfg.strict_history:
+            raise ValueError("strict_history (--strict-history) is not supported by the multi-rank sampler; "
+                             "generate on one process")
         super().__init__(model, text_emb, text_mask, height, width, cfg, prefix)
         self.group = cp_group
         self.cp = 1 if cp_group is None else dist.get_world_size(cp_group)
@@ -382,7 +400,7 @@ class ParallelChunkSampler(ChunkSampler):
         # dispatch chunks never exceed a written chunk's share, so every rank caches ~1/cp of each chunk
         self.chunk_size = max(1, min(chunk_size, -(-self.tokens // self.cp)))
         self.solver, self.overlap_stages, self.fuse_writes = solver, overlap_stages, fuse_writes
-        self.cache = ShardedKVCache(model.cfg.num_layers, self.cp, cfg.max_context_chunks)
+        self.cache = ShardedKVCache(model.cfg.num_layers, self.cp, cfg.max_context_chunks, cfg.sink_chunks)
         self.state = _ForwardState(self.cache, cp_group, overlap)
         self._pending: tuple[int, torch.Tensor] | None = None
         self._plans: dict = {}  # window shape and cache row counts -> InferencePlan (LRU of 8)
@@ -409,7 +427,7 @@ class ParallelChunkSampler(ChunkSampler):
         """Keep the finished chunk for the next forward (fused), flushing an older one first."""
         if self._pending is not None:
             self._run(None, None, None, None)
-        self._pending = (index, x)
+        self._pending = (index, self._context_tokens(index, x))
         if not self.fuse_writes:
             self._run(None, None, None, None)
 
@@ -435,7 +453,7 @@ class ParallelChunkSampler(ChunkSampler):
         if write is not None:
             grids.append((frames, h, w, frames))
             offsets.append(write[0] * frames)
-            ts.append(torch.full((1,), self.cfg.clean_t, device=self.device, dtype=self.schedule.dtype))
+            ts.append(torch.full((1,), self.context_t, device=self.device, dtype=self.schedule.dtype))
             chunks.append(write[0])
             nulls.append(False)
             steps.append(torch.zeros(1, device=self.device, dtype=self.schedule.dtype))
@@ -492,10 +510,8 @@ class ParallelChunkSampler(ChunkSampler):
 
     def _plan(self, window_slices: AttnSlices, write_tokens: int, window_chunks: int, passes: int) -> InferencePlan:
         """The (cached) plan: keyed by the window shape and the cache's per-rank row counts."""
-        n = self.cache.num_chunks
-        k = self.cfg.max_context_chunks
-        # the window sees the chunks that remain after the write (a sliding context drops the oldest)
-        skip_window = 1 if write_tokens and k is not None and n + 1 > k and n > 0 else 0
+        # the window sees the chunks that remain after the write (a sliding context drops the oldest recent one)
+        skip_window = 1 if write_tokens and self.cache.drops_on_commit() else 0
         full = self.cache.rank_lengths()
         window_skip = tuple(a - b for a, b in zip(full, self.cache.rank_lengths(skip_window)))
         mask = tuple((s.q_range.start, s.q_range.end, s.k_range.start, s.k_range.end, s.mask_type.value)

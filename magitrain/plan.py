@@ -199,7 +199,7 @@ def representative_layout(cfg: Config, frame_tokens: int | None = None):
         video = (chunks * m.chunk_frames, frame_tokens, 1)
         per_seq = [(i * math.prod(video), video) for i in range(seqs)]  # samples contiguous, padding at the end
     spans = tuple(SampleSpan(offset, *grid, m.chunk_frames) for offset, grid in per_seq)
-    return PackedLayout(spans, seqs * d.seq_tokens)
+    return PackedLayout(spans, seqs * d.seq_tokens, m.sink_chunks, m.max_context_chunks)
 
 
 def sequences_per_micro_batch(cfg: Config) -> int:

@@ -30,6 +30,19 @@ together, so a context chunk sees only those before it in the window of ``K``).
 Chunk noise is drawn from a generator seeded by ``(seed, chunk index)`` and a chunk never sees
 later chunks, so the first ``k`` chunks of a long request equal a request of ``k`` chunks.
 
+Attention sink + rolling window (``sink_chunks = S`` with ``max_context_chunks = K``): the cache
+keeps the first ``S`` finished chunks for good and the ``K`` most recent after them, so its
+memory is flat for any length; a chunk's K/V are written seeing exactly those (and itself), and
+the window chunks see them plus the window chunks before them. Trained for by the same rule on
+the packed mask (``model.sink_chunks`` / ``model.max_context_chunks``, :mod:`magitrain.layout`);
+``strict_history`` holds every window chunk to that rule as well (the sink and its ``K``
+predecessors, cached or in the window), which is the training mask exactly for any window.
+
+History level (``context_t = T``): a finished chunk is cached from ``T * x + (1 - T) * noise``
+(:func:`context_noise`, seeded by ``(seed, chunk)``) with the model told ``t = T``, matching
+training with ``diffusion.history_t``; None caches the chunk as it is at ``clean_t`` (MAGI-1).
+The handed-out chunk is always the clean one.
+
 Prefix (image-to-video, continuation): clean latent frames. Whole prefix chunks are written to
 the cache and handed out as they are. A chunk only partly covered (e.g. one image frame of a
 2-frame chunk) is generated with its known frames replaced, before every evaluation and after
@@ -47,6 +60,7 @@ import torch
 from magitrain.diffusion import guided_velocity, sampling_schedule
 from magitrain.kv_cache import OFF, READ, WRITE, KVCache, kv_cache_attached
 from magitrain.layout import PackedLayout, patchify, unpatchify
+from magitrain.parallel.mask import AttnSlice, AttnSlices
 
 SOLVERS = ("euler", "heun")
 
@@ -62,6 +76,11 @@ class SamplerConfig:
     history_scale: Optional[float] = None  # s_history of 3-pass CFG (None: 1- or 2-pass)
     clean_t: float = 1.0  # t of finished chunks when their K/V are cached (the training clean_t)
     max_context_chunks: Optional[int] = None  # sliding context: finished chunks kept in the cache
+    sink_chunks: int = 0  # attention sink: the first chunks, kept in the cache besides max_context_chunks
+    context_t: Optional[float] = None  # level finished chunks are re-noised to when cached (None: clean_t, as is)
+    # every window chunk too sees only the sink and its max_context_chunks predecessors (the training mask's
+    # rule); False: the window chunks see the whole cache plus the window chunks before them
+    strict_history: bool = False
     seed: int = 0
     kv_cache: bool = True  # False: every evaluation re-encodes the finished context chunks (slow; a check)
 
@@ -76,6 +95,17 @@ class SamplerConfig:
             raise ValueError(f"shift={self.shift} must be > 0")
         if self.max_context_chunks is not None and self.max_context_chunks < 1:
             raise ValueError(f"max_context_chunks={self.max_context_chunks} must be >= 1 (or None: unlimited)")
+        if self.sink_chunks < 0:
+            raise ValueError(f"sink_chunks={self.sink_chunks} must be >= 0")
+        if self.sink_chunks and self.max_context_chunks is None:
+            raise ValueError(f"sink_chunks={self.sink_chunks} needs max_context_chunks (without a cap every "
+                             "chunk stays in the cache: a sink means nothing)")
+        if self.sink_chunks and not self.kv_cache:
+            raise ValueError("sink_chunks needs the KV cache (kv_cache=False re-encodes one contiguous context)")
+        if self.strict_history and (self.max_context_chunks is None or not self.kv_cache):
+            raise ValueError("strict_history needs max_context_chunks and the KV cache")
+        if self.context_t is not None and not 0.0 <= self.context_t <= 1.0:
+            raise ValueError(f"context_t={self.context_t} must be in [0, 1] (1: clean)")
 
     @property
     def passes(self) -> int:
@@ -88,6 +118,14 @@ class SamplerConfig:
 def chunk_noise(seed: int, chunk: int, shape, dtype=torch.float32) -> torch.Tensor:
     """The starting noise of one chunk: depends only on ``(seed, chunk)``."""
     gen = torch.Generator().manual_seed((seed * 1_000_003 + chunk) * 7_919 % (2**63 - 1))
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+
+
+def context_noise(seed: int, chunk: int, shape, dtype=torch.float32) -> torch.Tensor:
+    """The noise a finished chunk is re-noised with before it is cached (``context_t``): depends only on
+    ``(seed, chunk)`` and is independent of :func:`chunk_noise` (re-noising with the chunk's own starting
+    noise would put it back on its own flow path, not at a fresh noisy point)."""
+    gen = torch.Generator().manual_seed(((seed * 1_000_003 + chunk) * 7_919 + 0xC0DE) % (2**63 - 1))
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
 
 
@@ -135,7 +173,8 @@ class ChunkSampler:
         if self.num_chunks <= self.prefix_chunks:
             raise ValueError(f"the video has {self.num_chunks} chunks, all covered by the "
                              f"{self.prefix_chunks}-chunk prefix: nothing to generate")
-        self.cache = KVCache(mc.num_layers, cfg.max_context_chunks)
+        self.cache = KVCache(mc.num_layers, cfg.max_context_chunks, cfg.sink_chunks)
+        self.context_t = cfg.clean_t if cfg.context_t is None else cfg.context_t  # the level cached chunks carry
         self.context: list[tuple[int, torch.Tensor]] = []  # (chunk, tokens) finished, when kv_cache=False
         self.evaluations = 0  # model forwards of the window (all CFG passes counted)
 
@@ -206,28 +245,63 @@ class ChunkSampler:
         emb, mask = self.text_emb[chunks], self.text_mask[chunks]
         if ctx:
             x = torch.cat([tokens for _, tokens in ctx] + [x])
-            t = torch.cat([torch.full((len(ctx),), self.cfg.clean_t, device=self.device, dtype=t.dtype), t])
+            t = torch.cat([torch.full((len(ctx),), self.context_t, device=self.device, dtype=t.dtype), t])
             if step is not None:
                 step = torch.cat([torch.zeros(len(ctx), device=self.device, dtype=step.dtype), step])
         window = slice(len(ctx) * self.chunk_shape[0], None)
         null = torch.cat([torch.zeros(len(ctx), dtype=torch.bool, device=self.device),
                           torch.ones(len(idx), dtype=torch.bool, device=self.device)])
         passes = self.cfg.passes
+        if self.cfg.strict_history:
+            layout = self._strict_window(idx)
         self.cache.mode = READ if self.cfg.kv_cache else OFF
-        v_full = self.model(x, t, emb, mask, layout, **self._step_size(step))[window]
-        v_no_text = self.model(x, t, emb, mask, layout, text_null=null)[window] if passes >= 2 else None
-        v_uncond = None
-        if passes == 3:
-            self.cache.mode = OFF
-            v_uncond = self.model(x, t, emb, mask, layout, text_null=null,
-                                  drop_history=torch.ones(1, dtype=torch.bool, device=self.device))[window]
-        self.cache.mode = READ
+        try:
+            v_full = self.model(x, t, emb, mask, layout, **self._step_size(step))[window]
+            v_no_text = self.model(x, t, emb, mask, layout, text_null=null)[window] if passes >= 2 else None
+            v_uncond = None
+            if passes == 3:
+                self.cache.mode = OFF
+                v_uncond = self.model(x, t, emb, mask, layout, text_null=null,
+                                      drop_history=torch.ones(1, dtype=torch.bool, device=self.device))[window]
+        finally:
+            self.cache.mode, self.cache.read_slices = READ, None
         self.evaluations += passes
         return guided_velocity(v_full, v_no_text, v_uncond, self.cfg.history_scale or 1.0, self.cfg.cfg_scale)
 
+    def _strict_window(self, idx: list[int]) -> PackedLayout:
+        """``strict_history``: the window's layout under the training rule (its sink part: the window chunks
+        with index < sink_chunks) and, set on the cache, the cached rows each window chunk ``j`` sees: the sink
+        and the last ``max_context_chunks - j`` recent chunks (chunks ``>= idx[j] - K``)."""
+        frames, ct, k = self.grid[0], self.chunk_shape[0], self.cfg.max_context_chunks
+        held = self.cache.num_chunks
+        sink = min(self.cfg.sink_chunks, held)
+        recent, m = held - sink, self.cache.num_tokens
+        slices = []
+        for j in range(len(idx)):
+            q = (j * ct, (j + 1) * ct)
+            r = min(recent, max(0, k - j))
+            if sink:
+                slices.append(AttnSlice(q, (0, sink * ct)))
+            if r:
+                slices.append(AttnSlice(q, (m - r * ct, m)))
+        self.cache.read_slices = AttnSlices(slices, len(idx) * ct, m)
+        return PackedLayout.pack([(len(idx) * frames, self.grid[1], self.grid[2], frames)],
+                                 frame_offsets=[idx[0] * frames], sink_chunks=max(0, self.cfg.sink_chunks - idx[0]),
+                                 max_context_chunks=k)
+
+    def _context_tokens(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """A finished chunk as the cache sees it: as is (``context_t`` None), else re-noised to
+        ``context_t * x + (1 - context_t) * noise`` with :func:`context_noise` (MAGI-1's clean_t, generalised)."""
+        if self.cfg.context_t is None:
+            return x
+        noise = context_noise(self.cfg.seed, index, self.chunk_shape, self.dtype).to(self.device)
+        t = torch.tensor(self.cfg.context_t, dtype=self.dtype, device=self.device)
+        return t * x + (1 - t) * noise
+
     def _write_context(self, index: int, x: torch.Tensor) -> None:
-        """One forward of a finished chunk at ``clean_t`` (its own caption) that appends its K/V
-        (without the cache: the chunk joins the re-encoded context)."""
+        """One forward of a finished chunk at ``context_t`` (default ``clean_t``; its own caption) that
+        appends its K/V (without the cache: the chunk joins the re-encoded context)."""
+        x = self._context_tokens(index, x)
         if not self.cfg.kv_cache:
             self.context.append((index, x))
             if self.cfg.max_context_chunks is not None:
@@ -235,7 +309,7 @@ class ChunkSampler:
             return
         frames = self.grid[0]
         layout = PackedLayout.pack([(frames, self.grid[1], self.grid[2], frames)], frame_offsets=[index * frames])
-        t = torch.full((1,), self.cfg.clean_t, device=self.device)
+        t = torch.full((1,), self.context_t, device=self.device)
         self.cache.mode = WRITE
         try:
             self.model(x, t, self.text_emb[index:index + 1], self.text_mask[index:index + 1], layout,

@@ -94,7 +94,8 @@ class SyntheticSource:
             text_mask.append(mask.expand(n_chunks, -1))
             captions.append(caption)
             ids.append(sample_id)
-        layout = PackedLayout.pack([grid] * d.samples_per_seq, d.seq_tokens)
+        layout = PackedLayout.pack([grid] * d.samples_per_seq, d.seq_tokens, sink_chunks=m.sink_chunks,
+                                   max_context_chunks=m.max_context_chunks)
         x = torch.cat(tokens)
         pad = torch.zeros(d.seq_tokens - x.shape[0], *x.shape[1:])
         return Batch(torch.cat([x, pad]), layout, torch.cat(text_emb), torch.cat(text_mask), captions, ids)

@@ -181,13 +181,15 @@ def gathered_model(model, cfg: Config, env):
 
 def stream_sample(model, cfg: Config, text_emb: torch.Tensor, text_mask: torch.Tensor) -> Iterator[torch.Tensor]:
     """The latent chunks ``[C, frames, H, W]`` of one sample of ``eval.sample_chunks`` chunks at the
-    training clip size, seeded by ``eval.sample_seed`` (so every run's samples start from the same noise)."""
+    training clip size, seeded by ``eval.sample_seed`` (so every run's samples start from the same noise),
+    with the KV cache the model is trained for (``model.sink_chunks`` / ``model.max_context_chunks``)."""
     from magitrain.sampler import ChunkSampler, SamplerConfig
 
-    e = cfg.eval
+    e, m = cfg.eval, cfg.model
     n = e.sample_chunks
     sampler_cfg = SamplerConfig(steps=e.sample_steps, window=min(e.sample_window, e.sample_steps),
-                                cfg_scale=e.cfg_scale, clean_t=cfg.diffusion.clean_t, seed=e.sample_seed)
+                                cfg_scale=e.cfg_scale, clean_t=cfg.diffusion.clean_t, seed=e.sample_seed,
+                                max_context_chunks=m.max_context_chunks or None, sink_chunks=m.sink_chunks)
     sampler = ChunkSampler(model, text_emb.expand(n, -1, -1), text_mask.expand(n, -1), cfg.data.height,
                            cfg.data.width, sampler_cfg)
     yield from sampler.stream()

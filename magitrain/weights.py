@@ -455,7 +455,7 @@ def _reason(e: BaseException) -> str:
 
 # ModelConfig fields MAGI-1's model_config has no key for (its code hard-codes them or keeps
 # them in the inference pipeline); a magi1 release stores them in a "magitrain" section.
-EXTRA_FIELDS = ("null_caption_tokens", "gate_softcap", "rope_ref_grid", "init_std")
+EXTRA_FIELDS = ("null_caption_tokens", "gate_softcap", "rope_ref_grid", "init_std", "sink_chunks", "max_context_chunks")
 MAGI1_FIXED = {"gate_softcap": 1.0, "rope_ref_grid": 16}  # what MAGI-1's code hard-codes
 
 
