@@ -53,7 +53,7 @@ LOW_RES = 32  # the low-res shard set: the same clips downscaled, latents of 4x4
 TEMPORAL_FACTOR = 4  # PatchEncoder: pixel frames per latent frame
 SHARDS = 4  # at least dp x max(1, data.num_workers)
 FPS = 8
-VIDEOS, QUICK_VIDEOS = 96, 48
+VIDEOS, QUICK_VIDEOS = 120, 48
 QUICK_SCALE = 0.15  # --quick: this share of the curriculum's steps
 GEN_CHUNKS = 8  # demo.mp4: 16 latent = 64 pixel frames, twice the longest training clip (32)
 EVAL_CHUNKS = 4  # each scored caption: 32 frames

@@ -138,11 +138,12 @@ def test_quick_demo_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_small_model_follows_captions(tmp_path):
-    """A smaller version of the demo's model and data (64 clips, one process, 1000 steps of the long
-    stage) trained with the demo's recipe: its streamed videos of the 8 seen captions must clear
-    caption-following marks that noise and an untrained model cannot reach (both score 0 on every
-    field; benchmarks/README.md). The marks sit well below what such runs reach (see the README's
-    table: different CPUs round differently, so the trained model differs from machine to machine)."""
+    """A smaller run of the demo's recipe (its 120 clips, one process, 1000 steps of the long stage
+    only): its streamed videos of the 8 seen captions, two seeds each, must clear caption-following
+    marks that noise and an untrained model cannot reach (both score 0 on every field;
+    benchmarks/README.md). One trained model's score moves by ~20 points with the seed (eight such
+    runs here: 45-73% object present, design.md issue 13, third round; different CPUs round
+    differently, so the model differs from machine to machine), so the mark sits well below that."""
     from magitrain import demo
     from magitrain.caption_score import mean_score, score_video
     from magitrain.config import load_config
@@ -151,19 +152,21 @@ def test_small_model_follows_captions(tmp_path):
     from magitrain.train import train
 
     torch.set_num_threads(1)
-    demo.make_media(str(tmp_path / "media"), 64)
+    demo.make_media(str(tmp_path / "media"), demo.VIDEOS)
     overrides = [f"run.dir={tmp_path / 'run'}", f"data.shards={tmp_path / 'shards'}", "parallel.dp=1",
                  "parallel.cp=1", "parallel.tp=1", "train.steps=1000", "log.progress=false", "log.tensorboard=false"]
     cfg = load_config(config_path("demo.yaml"), overrides, world_size=1)
-    demo.build_shards(str(tmp_path / "media"), str(tmp_path / "shards"), cfg, 64)
+    demo.build_shards(str(tmp_path / "media"), str(tmp_path / "shards"), cfg, demo.VIDEOS)
     cfg.data.curriculum = cfg.data.curriculum[-1:]  # the long clips only
     train(cfg)
 
     captions = demo.SEEN_CAPTIONS
     scores = []
-    for i, caption in enumerate(captions):
-        summary = demo.stream_video(cfg.run.dir, caption, str(tmp_path / f"v{i}.mp4"), chunks=4, seed=i + 1)
-        scores.append(demo.score_latents(summary["latents"], caption, cfg.model.in_channels))
+    for k in range(2):
+        for i, caption in enumerate(captions):
+            summary = demo.stream_video(cfg.run.dir, caption, str(tmp_path / f"v{i}_{k}.mp4"), chunks=4,
+                                        seed=i + 1 + 100 * k)
+            scores.append(demo.score_latents(summary["latents"], caption, cfg.model.in_channels))
     trained = mean_score(scores)
     print("trained:", trained)
     enc, g = PatchEncoder(4), torch.Generator().manual_seed(0)
