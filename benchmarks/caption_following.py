@@ -72,27 +72,34 @@ def untrained_row(run_dir: str, captions: list[str], chunks: int, out: str) -> d
     return {"untrained model": sample_rows(cfg.run.dir, captions, chunks, os.path.join(out, "untrained_videos"))}
 
 
-def sample_rows(run_dir: str, captions: list[str], chunks: int, out: str, **sampler):
+def sample_rows(run_dir: str, captions: list[str], chunks: int, out: str, seeds: int = 1, **sampler):
+    """Mean score of one video per caption and seed (caption ``i``, seed ``k``: ``i + 1 + 100 k``; seed 0
+    is the demo's own)."""
     os.makedirs(out, exist_ok=True)
     scores = []
-    for i, caption in enumerate(captions):
-        summary = demo.stream_video(run_dir, caption, os.path.join(out, f"{i}.mp4"), chunks, seed=i + 1, **sampler)
-        scores.append(demo.score_latents(summary["latents"], caption, 4))
+    for k in range(seeds):
+        for i, caption in enumerate(captions):
+            summary = demo.stream_video(run_dir, caption, os.path.join(out, f"{i}_{k}.mp4"), chunks,
+                                        seed=i + 1 + 100 * k, **sampler)
+            scores.append(demo.score_latents(summary["latents"], caption, 4))
     return mean_score(scores)
 
 
 def sweep(args) -> int:
-    print("| cfg scale | steps | window | seen: present / colour / motion / size | held out: present / motion |\n"
-          "|---|---|---|---|---|")
+    print(f"{args.seeds} seed(s) per caption\n"
+          "| cfg scale | history scale | steps | window | seen: present / colour / motion / size | "
+          "held out: present / motion |\n|---|---|---|---|---|---|")
     for spec in args.sampler_sweep:
         parts = spec.split(":")
         cfg_scale, steps, window = float(parts[0]), int(parts[1]), int(parts[2]) if len(parts) > 2 else 4
+        history = float(parts[3]) if len(parts) > 3 and parts[3] != "-" else None
         got = {group: sample_rows(args.run, captions, args.chunks, os.path.join(args.out, f"{spec}_{group}"),
-                                  steps=steps, cfg_scale=cfg_scale, window=window)
+                                  seeds=args.seeds, steps=steps, cfg_scale=cfg_scale, window=window,
+                                  history_scale=history)
                for group, captions in (("seen", demo.SEEN_CAPTIONS), ("held", demo.HELD_OUT_CAPTIONS))}
         seen = " / ".join(f"{getattr(got['seen'], k):.0%}" for k in FIELDS)
-        print(f"| {cfg_scale:g} | {steps} | {window} | {seen} | {got['held'].object_present:.0%} / "
-              f"{got['held'].motion:.0%} |", flush=True)
+        print(f"| {cfg_scale:g} | {history if history is not None else '- (2-pass)'} | {steps} | {window} | {seen} | "
+              f"{got['held'].object_present:.0%} / {got['held'].motion:.0%} |", flush=True)
     return 0
 
 
@@ -101,8 +108,10 @@ def main(argv=None) -> int:
     p.add_argument("--run", required=True, help="a trained run dir (e.g. the demo's runs/demo/run)")
     p.add_argument("--chunks", type=int, default=demo.GEN_CHUNKS)
     p.add_argument("--out", default="runs/bench_captions")
-    p.add_argument("--sampler-sweep", nargs="+", metavar="CFG:STEPS[:WINDOW]",
-                   help="score the trained run once per sampler setting (default window 4)")
+    p.add_argument("--sampler-sweep", nargs="+", metavar="CFG:STEPS[:WINDOW[:HISTORY]]",
+                   help="score the trained run once per sampler setting (default window 4; HISTORY: MAGI-1's "
+                        "history guidance scale, '-' or absent: 2-pass)")
+    p.add_argument("--seeds", type=int, default=1, help="videos per caption in the sweep (seeds i+1+100k)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.sampler_sweep:

@@ -58,7 +58,9 @@ QUICK_SCALE = 0.15  # --quick: this share of the curriculum's steps
 GEN_CHUNKS = 8  # demo.mp4: 16 latent = 64 pixel frames, twice the longest training clip (32)
 EVAL_CHUNKS = 4  # each scored caption: 32 frames
 GEN_STEPS = 32
-DEMO_CFG_SCALE = 1.0  # no guidance: with the demo model trained this long, cfg 1 follows captions best (design.md, issue 13)
+DEMO_CFG_SCALE = 1.5  # text guidance ...
+DEMO_HISTORY_SCALE = 1.5  # ... and MAGI-1's history guidance (3-pass): the best of a sweep on the demo model
+#   (design.md, issue 13, third round); None: 2-pass
 # (colour, direction) pairs no training clip shows; every colour and direction is seen otherwise
 HELD_OUT = {("red", "left"), ("green", "down"), ("blue", "up"), ("purple", "right")}
 SEEN_CAPTIONS = [
@@ -245,21 +247,24 @@ def stage_lines(run_dir: str) -> list[str]:
 # --- 4. generation and scoring ----------------------------------------------------------------
 
 def generation_args(run_dir: str, caption: str, mp4: str, chunks: int = GEN_CHUNKS, steps: int = GEN_STEPS,
-                    seed: int = 0, cfg_scale: float = DEMO_CFG_SCALE, window: int = 4) -> list[str]:
+                    seed: int = 0, cfg_scale: float = DEMO_CFG_SCALE, window: int = 4,
+                    history_scale: float | None = DEMO_HISTORY_SCALE) -> list[str]:
     """The ``magitrain.generate`` command line the demo uses (its sampler defaults)."""
+    history = [] if history_scale is None else ["--history-scale", str(history_scale)]
     return ["--ckpt", run_dir, "--prompt", caption, "--chunks", str(chunks), "--steps", str(steps),
-            "--window", str(window), "--cfg-scale", str(cfg_scale), "--fps", str(FPS), "--seed", str(seed),
+            "--window", str(window), "--cfg-scale", str(cfg_scale), *history, "--fps", str(FPS), "--seed", str(seed),
             "--out", mp4, "--contact-sheet", os.path.splitext(mp4)[0] + ".png", "--quiet"]
 
 
 def stream_video(run_dir: str, caption: str, mp4: str, chunks: int = GEN_CHUNKS, steps: int = GEN_STEPS,
-                 seed: int = 0, cfg_scale: float = DEMO_CFG_SCALE, window: int = 4) -> dict:
+                 seed: int = 0, cfg_scale: float = DEMO_CFG_SCALE, window: int = 4,
+                 history_scale: float | None = DEMO_HISTORY_SCALE) -> dict:
     """Stream ``chunks`` chunks for ``caption`` from the run's EMA weights into ``mp4`` (latents into
     ``.npy``, contact sheet into ``.png`` beside it) with ``magitrain.generate``; returns its summary."""
     from magitrain import generate
 
     return generate.run(generate.build_parser().parse_args(
-        generation_args(run_dir, caption, mp4, chunks, steps, seed, cfg_scale, window)))
+        generation_args(run_dir, caption, mp4, chunks, steps, seed, cfg_scale, window, history_scale)))
 
 
 def score_latents(latents_npy: str, caption: str, channels: int):
@@ -351,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
 
     mp4 = os.path.join(out, "demo.mp4")
     progress.phase(f"generation: demo.mp4 ({GEN_CHUNKS} chunks) and {EVAL_CHUNKS} chunks per scored caption "
-                   f"({GEN_STEPS} steps, window 4, KV cache, cfg {DEMO_CFG_SCALE:g}), scored against the caption")
+                   f"({GEN_STEPS} steps, window 4, KV cache, cfg {DEMO_CFG_SCALE:g}, history guidance {DEMO_HISTORY_SCALE}), "
+                   "scored against the caption")
     result = stream_video(cfg.run.dir, args.caption, mp4)
     longest = max(b[0] for st in cfg.data.curriculum for b in st.buckets) * TEMPORAL_FACTOR
     demo_score = score_latents(result["latents"], args.caption, cfg.model.in_channels)
