@@ -170,7 +170,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets, seed: int, tp
     for name, mod in modules.items():
         out_f, in_f = mod.weight.shape  # global shape (DTensor or not)
         split = _split_dim(mod.weight)
-        group = tp_mesh.get_group() if (tp_mesh is not None and split is not None) else None
+        rows = getattr(mod, "_tp_replicated_rows", None)  # a whole KV weight of which this rank computes rows
+        group = tp_mesh.get_group() if (tp_mesh is not None and (split is not None or rows is not None)) else None
         device = _local(mod.weight).device
         a = nn.Linear(in_f, rank, bias=False, device=device)
         b = nn.Linear(rank, out_f, bias=False, device=device)
@@ -186,8 +187,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets, seed: int, tp
             if split == 0:
                 b.weight = nn.Parameter(distribute_tensor(b.weight.detach(), mod.weight.device_mesh, b_pl))
         mod.lora_A, mod.lora_B = a, b
-        rows, rows_group = getattr(mod, "_tp_replicated_rows", (None, None))
-        mod._lora_plan = _Plan(alpha / rank, split, group if rows is None else rows_group, rows)
+        mod._lora_plan = _Plan(alpha / rank, split, group, rows)
         if any(name.endswith(w) for w in WEIGHT_READ):
             read_params_through(mod, ("weight",), _merged_weight_view(mod, getattr(mod, "_param_view", None)),
                                 scope=_parent(model, name))

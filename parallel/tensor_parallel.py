@@ -314,7 +314,7 @@ def _apply_layer(layer: nn.Module, tp_mesh, kv_heads: int, sp: SequenceShards | 
         for module, rows in ((lin.k, head_dim), (lin.v, head_dim), (attn.linear_kv_xattn, 2 * head_dim)):
             own = _kv_rows_of_rank(rank, tp, kv_heads, rows)
             read_params_through(module, ("weight",), lambda p, own=own: sum_grad(p)[own])
-            module._tp_replicated_rows = (own, group)  # what an adapter on it must follow (lora.py)
+            module._tp_replicated_rows = own  # the rows an adapter on it must follow too (lora.py)
     attn.linear_kv_xattn.register_forward_pre_hook(_input_hook(lambda c: _SumGradOverGroup.apply(c, group)))
 
     # row parallel: the model calls F.linear(x, linear_proj.weight) inside the attention's forward

@@ -77,37 +77,32 @@ def _compare(root, layouts):
         assert rel <= LOSS_RTOL and err <= GRAD_TOL, (layout, rel, err)
 
 
+def _spawn_and_compare(root: str, layouts, world: int) -> None:
+    """Train ``layouts`` on ``world`` spawned ranks and compare each with one process."""
+    import_magi1_reference(root), tiny_base(root)  # once, before the ranks start
+    mp.spawn(_worker, args=(world, _free_port(), root, layouts), nprocs=world)
+    _compare(root, layouts)
+
+
 @pytest.mark.slow
 def test_lora_tp2_matches_single_process(tmp_path):
-    root = str(tmp_path)
-    import_magi1_reference(root), tiny_base(root)  # once, before the ranks start
-    mp.spawn(_worker, args=(2, _free_port(), root, FAST), nprocs=2)
-    _compare(root, FAST)
+    _spawn_and_compare(str(tmp_path), FAST, 2)
 
 
 @pytest.mark.slow
 def test_lora_two_rank_dp_cp_on_magi1_match_single_process(tmp_path):
-    root = str(tmp_path)
-    import_magi1_reference(root)
-    mp.spawn(_worker, args=(2, _free_port(), root, SLOW2), nprocs=2)
-    _compare(root, SLOW2)
+    _spawn_and_compare(str(tmp_path), SLOW2, 2)
 
 
 @pytest.mark.slow
 def test_lora_four_rank_layouts_match_single_process(tmp_path):
-    root = str(tmp_path)
-    import_magi1_reference(root), tiny_base(root)
-    mp.spawn(_worker, args=(4, _free_port(), root, SLOW), nprocs=4)
-    _compare(root, SLOW)
+    _spawn_and_compare(str(tmp_path), SLOW, 4)
 
 
 @pytest.mark.slow
 def test_lora_dp2_cp2_tp2_on_magi1_matches_single_process(tmp_path):
     """All three axes at once on the imported MAGI-1 tiny reference: 8 gloo ranks (slow on 2 cores)."""
-    root = str(tmp_path)
-    import_magi1_reference(root)
-    mp.spawn(_worker, args=(8, _free_port(), root, ALL_AXES), nprocs=8)
-    _compare(root, ALL_AXES)
+    _spawn_and_compare(str(tmp_path), ALL_AXES, 8)
 
 
 VAL = ["train.steps=2", "eval.every=2", "eval.batches=1", "eval.video_every=2", "eval.captions=[a red disk]",
