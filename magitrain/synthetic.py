@@ -32,19 +32,23 @@ def color_vector(color: str, channels: int) -> torch.Tensor:
 
 def render_shape_video(frames: int, height: int, width: int, channels: int, gen: torch.Generator,
                        color: str | None = None, shape: str | None = None, motion: str | None = None,
-                       grows: bool | None = None) -> tuple[torch.Tensor, str]:
+                       grows: bool | None = None, period: int | None = None) -> tuple[torch.Tensor, str]:
     """One clip ``[channels, frames, height, width]`` in [-1, 1] and its caption.
 
     A shape of one colour moves in one direction at a steady speed over a dark background
     (and grows or shrinks). Everything about the clip is stated in the caption, so a model
     can learn to follow it. ``color``, ``shape``, ``motion``, ``grows`` fix those choices (the
     generator draws them all the same, so the rest of the clip does not depend on what is fixed).
+    ``period`` (default ``frames``): the clip length that speed and growth are defined over, so a
+    longer render continues a ``period``-frame clip: the first ``period`` frames equal it, the shape
+    keeps its speed after them and its size stays at the end of the range one period covers.
     """
     pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=gen))]  # noqa: E731
     drawn = pick(COLORS), pick(SHAPES), pick(list(MOTIONS)), bool(torch.randint(2, (1,), generator=gen))
     color, shape, motion, grows = (d if v is None else v for v, d in zip((color, shape, motion, grows), drawn))
     dy, dx = MOTIONS[motion]
-    speed = max(height, width) / max(frames, 1) * 0.5
+    period = period or frames
+    speed = max(height, width) / max(period, 1) * 0.5
     cy, cx = (torch.rand(2, generator=gen) * 0.5 + 0.25).tolist()
     cy, cx = cy * height, cx * width
     size0 = max(height, width) * 0.18
@@ -53,7 +57,7 @@ def render_shape_video(frames: int, height: int, width: int, channels: int, gen:
     col = color_vector(color, channels)
     for f in range(frames):
         y, x = (cy + dy * speed * f) % height, (cx + dx * speed * f) % width
-        size = size0 * (1 + (0.5 if grows else -0.4) * f / max(frames - 1, 1))
+        size = size0 * (1 + (0.5 if grows else -0.4) * min(f, period - 1) / max(period - 1, 1))
         ady, adx = (yy - y).abs(), (xx - x).abs()
         ady, adx = torch.minimum(ady, height - ady), torch.minimum(adx, width - adx)  # wrap around
         if shape == "square":

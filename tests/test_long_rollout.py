@@ -1,0 +1,63 @@
+"""The drift benchmark's ground truth and per-chunk scoring (benchmarks/long_rollout.py)."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from magitrain import demo
+from magitrain.synthetic import render_shape_video
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("long_rollout", os.path.join(ROOT, "benchmarks", "long_rollout.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_long_render_continues_the_training_clip():
+    """The first 32 frames of a long render are the training clip bit for bit; afterwards the shape keeps
+    its speed and its size stays at the end of one clip's range."""
+    fixed = dict(color="red", shape="square", motion="right", grows=True)
+    clip, _ = render_shape_video(32, 64, 64, 3, torch.Generator().manual_seed(3), **fixed)
+    long, _ = render_shape_video(96, 64, 64, 3, torch.Generator().manual_seed(3), period=32, **fixed)
+    assert torch.equal(long[:, :32], clip)
+    mask = (long[0] > 0).float()  # the red channel: the shape
+    area = mask.sum((1, 2))
+    assert area[40] == area[95] == area[31]  # size held after one period
+    col = lambda f: (mask[f].sum(0) > 0).nonzero().flatten().tolist()  # noqa: E731
+    shifted = [(c + 32) % 64 for c in col(40)]  # 32 frames at 1 px/frame later
+    assert sorted(shifted) == sorted(col(72))
+
+
+def test_ground_truth_scores_itself_perfectly():
+    bench = _bench()
+    caption = demo.SEEN_CAPTIONS[0]
+    truth = bench.ground_truth(caption, 10**6, 12)
+    assert truth.shape == (12 * 8, 64, 64, 3) and truth.dtype == torch.uint8
+    got = bench.per_chunk(truth, truth, caption)
+    assert got["distance"] == [0.0] * 12
+    assert min(got["object_present"]) == 1.0 and min(got["colour"]) == 1.0
+    assert min(got["motion"][:4]) == 1.0 and min(got["size_trend"][:4]) == 1.0  # inside one clip
+    first, last = bench.quarters(list(range(13)))  # the prefix chunk is left out
+    assert (first, last) == (2.0, 11.0)
+
+
+def test_noise_scores_nothing_and_is_far():
+    bench = _bench()
+    caption = demo.SEEN_CAPTIONS[1]
+    truth = bench.ground_truth(caption, 10**6 + 1, 4)
+    noise = torch.randint(0, 256, truth.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    got = bench.per_chunk(noise, truth, caption)
+    assert max(got["object_present"]) == 0.0 and min(got["distance"]) > 0.3
+
+
+@pytest.mark.parametrize("spec", ["no_equals_sign", "name=/does/not/exist"])
+def test_bad_method_is_a_one_line_error(spec, capsys):
+    assert _bench().main(["--method", spec, "--out", "/tmp/unused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
