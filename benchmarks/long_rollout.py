@@ -78,10 +78,10 @@ def rollout(method: str, run: str, extra: list[str], caption: str, seed: int, ch
 
     enc = PatchEncoder(4)
     truth = ground_truth(caption, seed, chunks)
-    prefix = os.path.join(out, f"prefix_{seed}.npy")
+    os.makedirs(os.path.join(out, method), exist_ok=True)
+    prefix = os.path.join(out, method, f"prefix_{seed}.npy")  # per method: parallel jobs never share a file
     np.save(prefix, enc.encode(truth[:CHUNK_FRAMES]).numpy())
     mp4 = os.path.join(out, method, f"{seed}.mp4")
-    os.makedirs(os.path.dirname(mp4), exist_ok=True)
     args = demo.generation_args(run, caption, mp4, chunks=chunks, seed=seed) + ["--prefix", prefix] + extra
     summary = generate.run(generate.build_parser().parse_args(args))
     latents = torch.from_numpy(np.load(summary["latents"], allow_pickle=False))
@@ -156,6 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=2, help="rollouts per caption (ground-truth seeds 10^6 + 100 k + i)")
     p.add_argument("--sampler-args", default="", help="generate flags for every method (before its own)")
     p.add_argument("--out", default="runs/bench_rollout")
+    p.add_argument("--jobs", type=int, default=1, help="rollouts run at once (processes, one thread each)")
     args = p.parse_args(argv)
     try:
         methods = [parse_method(m) for m in args.method]
@@ -168,18 +169,25 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     chunks = args.length * CLIP_CHUNKS
     common = shlex.split(args.sampler_args)
+    jobs = [(name, run, common + flags, caption, 10**6 + 100 * k + i, chunks, os.path.join(args.out, f"c{i}"))
+            for name, run, flags in methods for k in range(args.seeds)
+            for i, caption in enumerate(demo.SEEN_CAPTIONS[:args.captions])]
+    for job in jobs:
+        os.makedirs(job[-1], exist_ok=True)
+    start = time.time()
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            figures = list(pool.map(rollout, *zip(*jobs)))
+    else:
+        figures = [rollout(*job) for job in jobs]
     results = {}
     for name, run, flags in methods:
-        start, runs = time.time(), []
-        for k in range(args.seeds):
-            for i, caption in enumerate(demo.SEEN_CAPTIONS[:args.captions]):
-                seed = 10**6 + 100 * k + i
-                out = os.path.join(args.out, f"c{i}")
-                os.makedirs(out, exist_ok=True)
-                runs.append(rollout(name, run, common + flags, caption, seed, chunks, out))
+        runs = [f for job, f in zip(jobs, figures) if job[0] == name]
         curves = {f: [float(np.mean([r[f][c] for r in runs])) for c in range(chunks)] for f in runs[0]}
-        results[name] = {"run": run, "flags": common + flags, "curves": curves, "seconds": time.time() - start}
-        print(f"{name}: {len(runs)} rollouts of {chunks} chunks in {time.time() - start:.0f} s", flush=True)
+        results[name] = {"run": run, "flags": common + flags, "curves": curves, "rollouts": len(runs)}
+    print(f"{len(jobs)} rollouts of {chunks} chunks in {time.time() - start:.0f} s ({args.jobs} at a time)", flush=True)
     os.makedirs(args.out, exist_ok=True)
     lengths = [args.length] + ([args.length // 2] if args.length >= 2 else [])
     table = {}
