@@ -473,8 +473,8 @@ def validate_rollout(cfg: Config) -> None:
         raise ConfigError("objective=self_rollout trains a base model: set model.step_size_conditioning=false "
                           "(its rollouts and targets are plain velocities, not step-size conditioned ones)")
     if cfg.model.lora.rank:
-        raise ConfigError("objective=self_rollout with model.lora is not supported (untested combination); "
-                          "set model.lora.rank=0")
+        raise ConfigError("objective=self_rollout with model.lora is not supported (the teacher is checked and "
+                          "loaded as a full model of the student's architecture); set model.lora.rank=0")
     if not (r.teacher or cfg.ckpt.init_from):
         raise ConfigError("objective=self_rollout needs a frozen teacher: set rollout.teacher or ckpt.init_from "
                           "(a base checkpoint)")
