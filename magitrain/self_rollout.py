@@ -80,6 +80,10 @@ class RolloutBatch(NoisedBatch):
         """``[num_samples]`` the rollout forwards each sample needs: ``r * steps + i``."""
         return self.history * steps + self.step_index
 
+    def max_ticks(self, steps: int) -> int:
+        """The forwards this batch's rollout needs on its own (0 for a batch without samples)."""
+        return int(self.ticks(steps).max()) if len(self.history) else 0
+
 
 def rollout_batch(batch: Batch, cfg: Config, step: int) -> RolloutBatch:
     """Noise, caption and history dropout as base training; ``r``, ``i`` and the re-noising draw per sample."""
@@ -100,12 +104,11 @@ def rollout_batch(batch: Batch, cfg: Config, step: int) -> RolloutBatch:
     rb = RolloutBatch(nb.noise.clone(), nb.target, torch.zeros(layout.num_chunks), nb.text_null, nb.drop_history,
                       torch.zeros(layout.total_tokens, dtype=torch.bool), nb.noise, history=history,
                       step_index=step_index, context_noise=context_noise)
-    schedule = sampling_schedule(ro.steps, ro.shift)
-    t, _, finished, _ = tick_state(rb, layout, ro.steps, schedule, ro.context_t, tick=int(rb.ticks(ro.steps).max()))
-    rb.t = t
+    rb.t = tick_state(rb, layout, ro.steps, sampling_schedule(ro.steps, ro.shift), ro.context_t,
+                      tick=rb.max_ticks(ro.steps))[0]
     chunk_ids = layout.token_chunk_ids()
-    is_loss = ~finished & (torch.tensor(layout.chunk_index_in_sample()) ==
-                           rb.history[torch.tensor(layout.chunk_sample_index(), dtype=torch.long)])
+    sample_of = torch.tensor(layout.chunk_sample_index(), dtype=torch.long)
+    is_loss = torch.tensor(layout.chunk_index_in_sample()) == history[sample_of]  # chunk r of its sample
     rb.loss_mask = (chunk_ids >= 0) & is_loss[chunk_ids.clamp(min=0)]
     return rb
 
@@ -161,7 +164,7 @@ class SelfRollout:
         chunk_ids = layout.token_chunk_ids(device)
         text_null, drop_history = rb.text_null.to(device), rb.drop_history.to(device)
         state = rb.noise.to(device).clone()
-        ticks = collectives.max_over_ranks(int(rb.ticks(ro.steps).max()))  # every rank runs the same forwards
+        ticks = collectives.max_over_ranks(rb.max_ticks(ro.steps))  # every rank runs the same forwards (FSDP)
         for tick in range(ticks):
             t, active, finished, k = tick_state(rb, layout, ro.steps, self.schedule, ro.context_t, tick)
             v = model(self.model_input(state, finished, rb, chunk_ids), t.to(device), batch.text_emb,

@@ -135,6 +135,26 @@ def test_rollout_history_is_sequential_generation(tmp_path, monkeypatch):
     assert (x - batch.latents)[~rb.loss_mask & (layout.token_chunk_ids() >= 0)].abs().max() > 0.1
 
 
+def test_one_chunk_samples_train_on_policy_without_history(tmp_path):
+    """A 1-chunk sample has no history (r = 0): its loss chunk is its own state after i steps from noise."""
+    steps = 4
+    cfg = rollout_config(tmp_path, "data.frames=2", f"rollout.steps={steps}", "train.seed=2")
+    model = random_model(cfg.model)
+    objective = SelfRollout(cfg, teacher=None)
+    batch = a_batch(cfg)
+    rb = objective.noise(batch, 0)
+    assert bool((rb.history == 0).all()) and len(set(rb.step_index.tolist())) > 1
+    assert torch.equal(rb.loss_mask, batch.layout.token_chunk_ids() >= 0)
+    x = objective.rollout(model, batch, rb, "cpu")
+    for k, s in enumerate(batch.layout.samples):
+        _, state = hand_rollout(model, batch, rb, k, steps, 1.0)
+        torch.testing.assert_close(x[s.offset:s.end], state, rtol=1e-9, atol=1e-11)
+        assert float(rb.t[k]) == pytest.approx(float(sampling_schedule(steps, 3.0)[rb.step_index[k]]))
+    figures = objective.take_figures()
+    assert figures["rollout_chunks"][0] == 0 and figures["rollout_power_ratio"] == (0.0, 0.0)
+    assert figures["rollout_calls"] == (float(rb.step_index.max()), 1.0)
+
+
 def test_teacher_equal_to_student_without_guidance_gives_zero_loss(tmp_path):
     cfg = rollout_config(tmp_path, "rollout.text_scale=1.0", "rollout.history_scale=1.0", "rollout.steps=2",
                          "rollout.context_t=0.8")
