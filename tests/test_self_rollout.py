@@ -173,6 +173,24 @@ def test_teacher_equal_to_student_without_guidance_gives_zero_loss(tmp_path):
     assert out["loss"] > 1e-6
 
 
+def test_micro_batches_give_the_loss_of_one_batch(tmp_path):
+    """grad_accum=2 (two micro-batches, two rollouts of their own lengths) = one batch of the same samples."""
+    losses, figures = [], []
+    for accum in (1, 2):
+        cfg = rollout_config(tmp_path, f"train.grad_accum={accum}", "rollout.steps=2", "rollout.context_t=0.8")
+        model = random_model(cfg.model, seed=0, dtype=torch.float32)
+        objective = SelfRollout(cfg, random_model(cfg.model, seed=1, dtype=torch.float32).requires_grad_(False))
+        data = SyntheticSource(cfg)
+        out = train_step(model, [data.next_batch() for _ in range(accum)], cfg, init_parallel(cfg), 0,
+                         build_optimizer(model, cfg), objective)
+        losses.append(out["loss"])
+        figures.append(out["figures"])
+    assert losses[0] > 1e-4 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for name in ("rollout_chunks", "rollout_power_ratio"):
+        assert figures[1][name] == pytest.approx(figures[0][name], rel=1e-6), name
+    assert figures[0]["rollout_calls"] <= figures[1]["rollout_calls"] <= 2 * figures[0]["rollout_calls"]
+
+
 def test_draws_depend_only_on_the_sample(tmp_path):
     cfg = rollout_config(tmp_path, "rollout.context_chunks=3", "rollout.context_t=0.5")
     batch = a_batch(cfg, torch.float32)
@@ -287,7 +305,6 @@ def test_self_rollout_losses_match_across_layouts(base_runs, tmp_path):
             assert [r[name] for r in got] == pytest.approx([r[name] for r in ref], rel=1e-6), (dp, cp, tp, name)
 
 
-@pytest.mark.slow
 def test_self_rollout_run_resumes_bitwise(base_runs, tmp_path):
     root = str(tmp_path)
     for name in ("base", "teacher"):
