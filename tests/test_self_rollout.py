@@ -278,6 +278,9 @@ def _layout_worker(rank, world, port, root):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    import nccl_rule
+
+    nccl_rule.install()  # NCCL's device rule on gloo: host tensors only on the CPU groups
     for layout in LAYOUTS:
         train(_layout_cfg(root, layout))
 
@@ -285,7 +288,8 @@ def _layout_worker(rank, world, port, root):
 @pytest.mark.slow
 def test_self_rollout_losses_match_across_layouts(base_runs, tmp_path):
     """dp=2 (ranks with different rollout lengths: the forwards are agreed), cp=2 and tp=2 self-rollout runs give
-    the single-process losses (fp32 on gloo: summation order only) and the same health figures."""
+    the single-process losses (fp32 on gloo: summation order only) and the same health figures, under NCCL's
+    device rule (tests/nccl_rule.py)."""
     import torch.multiprocessing as mp
 
     root = str(tmp_path)
