@@ -19,7 +19,6 @@ from magitrain.checkpoint import Checkpointer
 from magitrain.config import ConfigError, load_config
 from magitrain.diffusion import sampling_schedule
 from magitrain.layout import PackedLayout, unpatchify
-from magitrain.model import MagiDiT
 from magitrain.parallel.mesh import init_parallel
 from magitrain.sampler import ChunkSampler, SamplerConfig
 from magitrain.self_rollout import SelfRollout, rollout_batch
@@ -27,6 +26,7 @@ from magitrain.synthetic import SyntheticSource
 from magitrain.train import build_optimizer, main, train, train_step
 
 from conftest import REPO
+from test_distill import a_batch, random_model  # fp64 models with every weight random, a synthetic batch
 
 TINY_YAML = os.path.join(REPO, "configs", "tiny.yaml")
 QUIET = ["log.progress=false", "log.tensorboard=false"]
@@ -35,21 +35,6 @@ QUIET = ["log.progress=false", "log.tensorboard=false"]
 def rollout_config(tmp_path, *overrides):
     return load_config(TINY_YAML, [f"run.dir={tmp_path}/run", "objective=self_rollout", "ckpt.init_from=unused"]
                        + QUIET + list(overrides))
-
-
-def random_model(model_cfg, seed=0, dtype=torch.float64):
-    """A model with every weight random (final layer included, so velocities are not zero)."""
-    torch.manual_seed(seed)
-    model = MagiDiT(model_cfg).to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05) if p.dim() >= 2 else p.normal_(0, 0.02)
-    return model
-
-
-def a_batch(cfg, dtype=torch.float64):
-    batch = SyntheticSource(cfg).next_batch()
-    return dataclasses.replace(batch, latents=batch.latents.to(dtype), text_emb=batch.text_emb.to(dtype))
 
 
 # --- the rollout is the model's own sequential generation ---------------------------------------
@@ -120,8 +105,9 @@ def test_rollout_history_is_sequential_generation(tmp_path, monkeypatch):
         if r and not bool(rb.text_null[chunk]):  # ... and the hand loop is the inference sampler's generation
             noise = {c: rb.noise[s.offset + c * ct:s.offset + (c + 1) * ct] for c in range(r)}
             renoise = {c: rb.context_noise[s.offset + c * ct:s.offset + (c + 1) * ct] for c in range(r)}
-            monkeypatch.setattr(sampler_module, "chunk_noise", lambda seed, c, shape, dtype: noise[c].clone())
-            monkeypatch.setattr(sampler_module, "context_noise", lambda seed, c, shape, dtype: renoise[c].clone())
+            monkeypatch.setattr(sampler_module, "chunk_noise", lambda seed, c, shape, dtype, n=noise: n[c].clone())
+            monkeypatch.setattr(sampler_module, "context_noise",
+                                lambda seed, c, shape, dtype, n=renoise: n[c].clone())
             p = cfg.model.patch_size
             video = ChunkSampler(model, batch.text_emb[chunk:chunk + r], batch.text_mask[chunk:chunk + r],
                                  s.height * p, s.width * p, SamplerConfig(steps=steps, window=1, context_t=context_t)
