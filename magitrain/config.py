@@ -240,6 +240,21 @@ class DistillConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Training on its own rollouts (``objective: self_rollout``, magitrain/self_rollout.py): the model streams
+    a sample's first chunks itself (no gradient), then is trained on the next chunk against a frozen teacher's
+    guided velocity on exactly that self-generated history."""
+
+    teacher: str = ""  # frozen teacher checkpoint / run dir / release; '' : ckpt.init_from (one must be given)
+    context_chunks: int = 2  # the most chunks a sample streams itself: r ~ U{1..min(this, C-1)} per sample
+    steps: int = 4  # Euler steps per self-generated chunk (MAGI-1's schedule: sampling_schedule(steps, shift))
+    shift: float = 3.0
+    context_t: float = 1.0  # level self-generated chunks are given as history (1: clean; < 1 re-noised, as --context-t)
+    text_scale: float = 1.5  # the teacher's guidance (3-pass when history_scale != 1, as distill.text_scale)
+    history_scale: float = 1.5
+
+
+@dataclass
 class EvalConfig:
     """Validation during training (magitrain/validation.py): fixed-t flow-matching loss on held-out data,
     and streamed samples of fixed captions."""
@@ -271,6 +286,10 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # what the model is trained to predict: flow_matching (the data's velocity) | self_rollout (a frozen teacher's
+    # velocity on the model's own rollouts, ``rollout:``); distill.enabled selects shortcut distillation instead
+    objective: str = "flow_matching"
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 def _choice(key: str, value: Any, allowed) -> None:
@@ -391,6 +410,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("log.wandb=true needs the wandb package: pip install -e \".[wandb]\" (or log.wandb=false)")
     if cfg.distill.enabled:
         validate_distill(cfg)
+    _choice("objective", cfg.objective, OBJECTIVES)
+    if cfg.objective == "self_rollout":
+        validate_rollout(cfg)
     if m.lora.rank:
         validate_lora(cfg)
     validate_eval(cfg)
@@ -436,6 +458,37 @@ def validate_eval(cfg: Config) -> None:
         _positive(f"eval.{key}", getattr(e, key))
     if e.sample_steps % e.sample_window:
         raise ConfigError(f"eval.sample_window={e.sample_window} must divide eval.sample_steps={e.sample_steps}")
+
+
+OBJECTIVES = ("flow_matching", "self_rollout")
+
+
+def validate_rollout(cfg: Config) -> None:
+    """Config checks for ``objective: self_rollout`` (the objective itself is magitrain/self_rollout.py)."""
+    r = cfg.rollout
+    if cfg.distill.enabled:
+        raise ConfigError("objective=self_rollout with distill.enabled: both choose the training target; "
+                          "set one (distill.enabled=false, or objective=flow_matching)")
+    if cfg.model.step_size_conditioning:
+        raise ConfigError("objective=self_rollout trains a base model: set model.step_size_conditioning=false "
+                          "(its rollouts and targets are plain velocities, not step-size conditioned ones)")
+    if cfg.model.lora.rank:
+        raise ConfigError("objective=self_rollout with model.lora is not supported (the teacher is checked and "
+                          "loaded as a full model of the student's architecture); set model.lora.rank=0")
+    if not (r.teacher or cfg.ckpt.init_from):
+        raise ConfigError("objective=self_rollout needs a frozen teacher: set rollout.teacher or ckpt.init_from "
+                          "(a base checkpoint)")
+    if r.context_chunks < 1:
+        raise ConfigError(f"rollout.context_chunks={r.context_chunks} must be >= 1 (chunks a sample streams itself)")
+    if r.steps < 1:
+        raise ConfigError(f"rollout.steps={r.steps} must be >= 1 (Euler steps per self-generated chunk)")
+    if r.shift <= 0:
+        raise ConfigError(f"rollout.shift={r.shift} must be > 0")
+    if not 0.0 <= r.context_t <= 1.0:
+        raise ConfigError(f"rollout.context_t={r.context_t} must be in [0, 1] (1: clean history)")
+    for key in ("text_scale", "history_scale"):
+        if getattr(r, key) <= 0:
+            raise ConfigError(f"rollout.{key}={getattr(r, key)} must be > 0 (1: no guidance)")
 
 
 def validate_distill(cfg: Config) -> None:

@@ -101,12 +101,13 @@ def load_init(model: nn.Module, path: str) -> None:
         params[name].copy_(t)
 
 
-def load_teacher(cfg: Config, env) -> nn.Module:
-    """The frozen teacher (EMA weights when present), parallelised like the student."""
+def load_teacher(cfg: Config, env, path: str = "") -> nn.Module:
+    """The frozen teacher (EMA weights when present), parallelised like the student; from ``path`` (default
+    ``distill.teacher``, else ``ckpt.init_from``)."""
     from magitrain.model import MagiDiT
     from magitrain.parallel.parallelize import parallelize_model
 
-    path = cfg.distill.teacher or cfg.ckpt.init_from
+    path = path or cfg.distill.teacher or cfg.ckpt.init_from
     teacher_cfg, state = load_run_weights(path, prefer_ema=True)
     check_teacher_config(cfg.model, teacher_cfg.model, path)
     with torch.device("meta"):  # no random init of a model about to be overwritten

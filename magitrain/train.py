@@ -31,6 +31,7 @@ from magitrain.config import Config, ConfigError, load_config, save_config, to_y
 from magitrain.data import build_data_source
 from magitrain.diffusion import NoisedBatch, masked_sq_error, noise_batch
 from magitrain.distill import ShortcutDistillation, load_init
+from magitrain.self_rollout import SelfRollout
 from magitrain.ema import EMA
 from magitrain.lora import apply_lora
 from magitrain.lora_base import BaseReference, base_fingerprint
@@ -177,11 +178,28 @@ class FlowMatching:
 
 
 def build_objective(cfg: Config, env: ParallelEnv):
-    """What the model is trained to predict: flow matching, or shortcut + guidance distillation
-    (``distill.enabled``; its frozen teacher is parallelised like the model)."""
+    """What the model is trained to predict: flow matching, shortcut + guidance distillation
+    (``distill.enabled``) or a teacher's velocity on the model's own rollouts (``objective: self_rollout``);
+    a frozen teacher is parallelised like the model."""
     if cfg.distill.enabled:
         return ShortcutDistillation.from_config(cfg, env)
+    if cfg.objective == "self_rollout":
+        return SelfRollout.from_config(cfg, env)
     return FlowMatching(cfg)
+
+
+def objective_figures(objective, env: ParallelEnv) -> dict:
+    """The objective's own figures of the step (an objective may define ``take_figures() -> {name: (sum,
+    count)}`` over this rank's micro-batches): ``sum / count`` over the dp group, summed on the group's
+    device; a figure whose global count is 0 is left out. {} for objectives without the hook."""
+    take = getattr(objective, "take_figures", None)
+    if take is None:
+        return {}
+    local = take()
+    names = sorted(local)
+    flat = [v for name in names for v in local[name]]
+    totals = collectives.device_sum(flat, env.device, env.group("dp")) if env.distributed else flat
+    return {name: totals[2 * k] / totals[2 * k + 1] for k, name in enumerate(names) if totals[2 * k + 1]}
 
 
 def train_step(model, micro_batches, cfg: Config, env: ParallelEnv, step: int, optimizer, objective=None) -> dict:
@@ -214,7 +232,8 @@ def train_step(model, micro_batches, cfg: Config, env: ParallelEnv, step: int, o
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = all_reduce_sum(sum(b.num_tokens for b in micro_batches), env, env.group("dp"))
-    return {"loss": loss_value, "grad_norm": grad_norm, "finite": finite, "tokens": int(tokens)}
+    return {"loss": loss_value, "grad_norm": grad_norm, "finite": finite, "tokens": int(tokens),
+            "figures": objective_figures(objective, env)}
 
 
 def train(cfg: Config) -> dict:
@@ -358,7 +377,8 @@ def _train_locked(cfg: Config, env: ParallelEnv) -> dict:
                 dt = time.perf_counter() - t0
                 record = {"step": state.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": out["tokens"] / dt, "step_time_s": dt,
-                          "tokens_seen": state.tokens_seen, "bad_steps": state.bad_steps_total, **data.stats()}
+                          "tokens_seen": state.tokens_seen, "bad_steps": state.bad_steps_total, **data.stats(),
+                          **out["figures"]}
                 area = all_reduce_sum(perf.masked_area(micro), env, env.group("dp"))
                 flops = perf.step_flops(params, out["tokens"], area, cfg.model)
                 record.update({"data_time_s": data_time, "attn_area": int(area), "model_flops": flops,

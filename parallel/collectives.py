@@ -64,6 +64,15 @@ def any_rank(flag: bool, name: str = CPU) -> bool:
     return bool(t.item())
 
 
+def max_over_ranks(value: int, name: str = CPU) -> int:
+    """The largest of every rank's ``value`` (an integer known on the host), on every rank."""
+    if not initialized():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device="cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=cpu_group(name))
+    return int(t.item())
+
+
 def every_rank(flag: bool, name: str = CPU) -> bool:
     """True on every rank iff ``flag`` is true on every rank."""
     return not any_rank(not flag, name)
