@@ -88,12 +88,15 @@ def main(argv=None) -> int:
                                                      sr + ["rollout.context_t=0.9"])}, args.jobs)
     for name in ("teacher_forced", "history_noise", "self_rollout", "hn_self_rollout"):
         print(f"{name}: phase 2 compute {forward_equivalents(d(name)):.0f} forward-equivalents")
-    one_pass = "--cfg-scale 1 --history-scale 1"
-    print("\npython benchmarks/long_rollout.py --length 8 --captions 4 --seeds 2 --jobs 2 "
-          f"--out {d('bench')} --method 'teacher_forced={d('teacher_forced')}' "
-          f"--method 'history_noise={d('history_noise')} --context-t 0.9' "
-          f"--method 'self_rollout={d('self_rollout')} {one_pass}' --method 'self_rollout_guided={d('self_rollout')}' "
-          f"--method 'history_noise+self_rollout={d('hn_self_rollout')} {one_pass} --context-t 0.9'")
+    one_pass = "--cfg-scale 1 --history-scale 1"  # the self-rollout students carry the teacher's guidance
+    methods = (f"--method 'teacher_forced={d('teacher_forced')}' --method 'history_noise={d('history_noise')} "
+               f"--context-t 0.9' --method 'self_rollout={d('self_rollout')} {one_pass}' "
+               f"--method 'self_rollout_guided={d('self_rollout')}' "
+               f"--method 'history_noise+self_rollout={d('hn_self_rollout')} {one_pass} --context-t 0.9'")
+    print("\nthe comparison (benchmarks/README.md, issue 17): all history in the cache, 8x; a rolling window of 3, 16x")
+    print(f"python benchmarks/long_rollout.py --length 8 --captions 4 --seeds 2 --jobs 2 --out {d('bench8')} {methods}")
+    print(f"python benchmarks/long_rollout.py --length 16 --captions 4 --seeds 2 --jobs 2 --sampler-args "
+          f"'--max-context 3' --out {d('bench16w')} {methods}")
     return 0
 
 
