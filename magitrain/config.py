@@ -187,6 +187,12 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     ema_decay: float = 0.99  # 0 disables EMA
+    # one warm restart from the EMA: at this step the weights become their EMA, the optimizer's moments are
+    # reset, and the lr re-warms (restart_warmup_steps) to restart_lr, then cosine-decays to min_lr_ratio of it
+    # at train.steps (the first cycle ends at restart_at); 0: no restart
+    restart_at: int = 0
+    restart_lr: float = 0.0  # 0: optim.lr
+    restart_warmup_steps: int = 10
 
 
 @dataclass
@@ -403,6 +409,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay={cfg.optim.ema_decay} must be in [0, 1)")
+    if o.restart_at:
+        if not 0 < o.restart_at < cfg.train.steps:
+            raise ConfigError(f"optim.restart_at={o.restart_at} must be in (0, train.steps={cfg.train.steps})")
+        if o.ema_decay == 0:
+            raise ConfigError("optim.restart_at restarts from the EMA weights: it needs optim.ema_decay > 0")
+        if cfg.parallel.dp_engine == "deepspeed":
+            raise ConfigError("optim.restart_at is not supported with parallel.dp_engine=deepspeed (its engine "
+                              "owns the optimizer state)")
+    _positive("optim.restart_lr", o.restart_lr, zero_ok=True)
+    _positive("optim.restart_warmup_steps", o.restart_warmup_steps, zero_ok=True)
     _positive("log.peak_flops", cfg.log.peak_flops, zero_ok=True)
     _choice("model.step_size_embedder", m.step_size_embedder, ("magi1", "zero_init"))
     _choice("log.wandb_mode", cfg.log.wandb_mode, ("offline", "online"))

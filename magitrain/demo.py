@@ -174,6 +174,7 @@ def demo_config(out: str, quick: bool, overrides: list[str]) -> Config:
         for st in cfg.data.curriculum:
             st.until_step = max(1, round(st.until_step * QUICK_SCALE)) if st.until_step else 0
         cfg.train.steps = round(cfg.train.steps * QUICK_SCALE)
+        cfg.optim.restart_at = round(cfg.optim.restart_at * QUICK_SCALE)
         cfg.optim.warmup_steps = max(1, round(cfg.optim.warmup_steps * QUICK_SCALE))
     return cfg
 

@@ -145,12 +145,29 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
 
 
 def lr_factor(step: int, cfg: Config) -> float:
-    """Linear warmup to ``optim.lr``, then cosine down to ``min_lr_ratio * lr``."""
-    o, total = cfg.optim, cfg.train.steps
-    if step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    """Linear warmup to ``optim.lr``, then cosine down to ``min_lr_ratio * lr``; with ``optim.restart_at = R``
+    that first cycle ends at ``R`` and a second one (``restart_warmup_steps``, peak ``restart_lr``) runs from
+    ``R`` to ``train.steps``."""
+    o = cfg.optim
+    if o.restart_at and step >= o.restart_at:
+        peak = (o.restart_lr or o.lr) / o.lr
+        return peak * _cycle(step - o.restart_at, cfg.train.steps - o.restart_at, o.restart_warmup_steps, o.min_lr_ratio)
+    return _cycle(step, o.restart_at or cfg.train.steps, o.warmup_steps, o.min_lr_ratio)
+
+
+def _cycle(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def restart_from_ema(model, optimizer, ema) -> None:
+    """``optim.restart_at``: the weights become their EMA and the optimizer's moments start again (the EMA
+    itself is unchanged: it already equals the new weights)."""
+    ema.copy_to(unwrap(model))
+    optimizer.state.clear()
 
 
 def all_reduce_sum(value: float, env: ParallelEnv, group=None) -> float:
@@ -358,6 +375,9 @@ def _train_locked(cfg: Config, env: ParallelEnv) -> dict:
                 micro = [data.next_batch() for _ in range(cfg.train.grad_accum)]
                 stop.waiting_for_data = None
                 data_time = time.perf_counter() - t0
+                if cfg.optim.restart_at and state.step == cfg.optim.restart_at:  # also when resumed right here
+                    restart_from_ema(model, optimizer, ema)
+                    logger.message(f"step {state.step + 1}: restart from the EMA weights (optim.restart_at)")
                 out = train_step(model, micro, cfg, env, state.step, optimizer, objective)
                 if out["finite"]:
                     scheduler.step()
