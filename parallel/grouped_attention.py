@@ -110,6 +110,42 @@ def _pattern(members, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return allowed
 
 
+def _component_boxes(members) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One component's boxes ``(rows, cols, allowed)``: its dense box, or one per slice when split."""
+    rows = _union_index([(s.q_range.start, s.q_range.end) for s in members])
+    cols = _union_index([(s.k_range.start, s.k_range.end) for s in members])
+    area = sum(s.area() for s in members)
+    box = len(rows) * len(cols)
+    if len(members) > 1 and (area < MIN_DENSITY * box or box > MAX_BOX):
+        out = []
+        for s in members:
+            r, c = torch.arange(s.q_range.start, s.q_range.end), torch.arange(s.k_range.start, s.k_range.end)
+            out.append((r, c, _pattern([s], r, c)))
+        return out
+    return [(rows, cols, _pattern(members, rows, cols))]
+
+
+# A component's boxes depend only on its slices' geometry relative to its corner (min q, min k): the
+# clips of a packed batch, and the same clip shapes from step to step, share one entry.
+_BOXES: dict[tuple, list] = {}
+_BOXES_MAX = 256
+
+
+def _shifted_boxes(members) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`_component_boxes`, cached by relative geometry (the cached tensors are never written)."""
+    r0 = min(s.q_range.start for s in members)
+    c0 = min(s.k_range.start for s in members)
+    key = tuple(sorted((s.q_range.start - r0, s.q_range.end - r0, s.k_range.start - c0, s.k_range.end - c0,
+                        s.mask_type.value) for s in members))
+    rel = _BOXES.get(key)
+    if rel is None:
+        rel = [(r - r0, c - c0, allowed) for r, c, allowed in _component_boxes(members)]
+        if len(_BOXES) >= _BOXES_MAX:
+            _BOXES.pop(next(iter(_BOXES)))  # oldest first
+        _BOXES[key] = rel
+    return [(r + r0, c + c0, allowed) for r, c, allowed in rel]
+
+
 def plan_groups(slices: AttnSlices) -> list[tuple[Group, bool, tuple | None]]:
     """The batched groups computing ``slices`` (see the module docstring), each with its
     :attr:`Group.dense` flag and :meth:`Group.single_span`."""
@@ -117,20 +153,13 @@ def plan_groups(slices: AttnSlices) -> list[tuple[Group, bool, tuple | None]]:
     spans = [(s.q_range.start, s.q_range.end, s.k_range.start, s.k_range.end) for s in live]
     boxes = []  # (rows, cols, allowed)
     for comp in _union_find_components(spans):
-        members = [live[i] for i in comp]
-        rows = _union_index([(s.q_range.start, s.q_range.end) for s in members])
-        cols = _union_index([(s.k_range.start, s.k_range.end) for s in members])
-        area = sum(s.area() for s in members)
-        box = len(rows) * len(cols)
-        if len(members) > 1 and (area < MIN_DENSITY * box or box > MAX_BOX):
-            for s in members:
-                r, c = torch.arange(s.q_range.start, s.q_range.end), torch.arange(s.k_range.start, s.k_range.end)
-                boxes.append((r, c, _pattern([s], r, c)))
-        else:
-            boxes.append((rows, cols, _pattern(members, rows, cols)))
+        boxes.extend(_shifted_boxes([live[i] for i in comp]))
     by_pattern: dict[tuple, list] = {}
+    pattern_keys: dict[int, tuple] = {}  # id(allowed) -> key: a cached pattern is hashed once per plan
     for rows, cols, allowed in boxes:
-        key = (len(rows), len(cols), allowed.numpy().tobytes())
+        key = pattern_keys.get(id(allowed))
+        if key is None:
+            key = pattern_keys[id(allowed)] = (len(rows), len(cols), allowed.numpy().tobytes())
         by_pattern.setdefault(key, []).append((rows, cols, allowed))
     groups = [Group(torch.stack([b[0] for b in members]), torch.stack([b[1] for b in members]), members[0][2])
               for members in by_pattern.values()]

@@ -68,3 +68,27 @@ def test_sparse_components_are_split_so_work_stays_near_the_area():
         reference_work = sum(s.q_range.size * s.k_range.size for s in slices)  # one dense box per slice
         assert work <= max(slices.area() / MIN_DENSITY, reference_work)
     assert sum(g.q_index.numel() * g.k_index.shape[1] for g, _, _ in plan_groups(sink)) == sink.area()
+
+
+def test_cached_boxes_keep_mask_types_and_positions_apart():
+    """The per-component box cache is keyed by geometry relative to the component's corner: two
+    components of the same shape but another mask type, or at another offset, must not share a
+    pattern or positions (fails if the key drops ``mask_type`` or the shift back is skipped)."""
+    from magitrain.parallel import grouped_attention as ga
+
+    ga._BOXES.clear()
+    full = [AttnSlice((0, 8), (0, 8), "full"), AttnSlice((8, 12), (8, 12), "causal")]
+    causal = [AttnSlice((12, 20), (12, 20), "causal"), AttnSlice((20, 24), (20, 24), "full")]
+    slices = AttnSlices(full + causal + [AttnSlice((24, 32), (24, 32), "full")], 32)
+    for _ in range(2):  # the second plan comes from the cache
+        allowed = torch.zeros(32, 32, dtype=torch.bool)
+        for g, _, _ in plan_groups(slices):
+            for qi, ki in zip(g.q_index, g.k_index):
+                allowed[qi[:, None], ki[None, :]] |= g.allowed
+        want = torch.zeros(32, 32, dtype=torch.bool)
+        for s in slices:
+            lo, hi = s.row_bounds()
+            for r, (a, b) in enumerate(zip(lo.tolist(), hi.tolist())):
+                want[s.q_range.start + r, s.k_range.start + a:s.k_range.start + b] = True
+        assert torch.equal(allowed, want)
+    assert ga._BOXES  # the plans did go through the cache
