@@ -109,3 +109,23 @@ def test_media_shards_round_trip_encode_on_the_fly(tmp_path):
     for cap, (lat, emb, mask, _) in got.items():
         assert torch.equal(lat, enc.encode(pixels[cap]))
         assert torch.equal(emb, text.embed(cap)[0])
+
+
+def test_shards_are_plain_ustar_and_reproducible(tmp_path):
+    """No PAX header per member (a float mtime would add one, and the reader would parse it on every
+    pass), and the same folder builds byte-identical shards."""
+    import hashlib
+
+    src = str(tmp_path / "src")
+    _make_folder(src)
+    digests = []
+    for run in ("a", "b"):
+        out = str(tmp_path / run)
+        assert build_shards([src, out, "--latent-encoder", "patch", "--latent-channels", "4", "--text-encoder",
+                             "hash", "--max-shard-samples", "2", "--quiet"]) == 0
+        tars = sorted(n for n in os.listdir(out) if n.endswith(".tar"))
+        for name in tars:
+            with tarfile.open(os.path.join(out, name)) as tf:
+                assert all(not m.pax_headers for m in tf.getmembers()), name
+        digests.append([hashlib.sha256(open(os.path.join(out, n), "rb").read()).hexdigest() for n in tars])
+    assert digests[0] == digests[1]
