@@ -257,7 +257,8 @@ class ParallelAttention(nn.Module):
     # torch.compile (train.compile) never traces the attention: its slice lists are Python data that
     # change with every packed mask, so a compiled block would be re-specialised for each new mask.
     # The dense work before and after is compiled; the kernels (or CP attention) run as they are.
-    @torch.compiler.disable
+    # parallel/compile.py wraps this in torch.compiler.disable when it compiles a block (a decorator
+    # here would import torch._dynamo, ~1.5 s, in every process that builds a model).
     def attend(self, q, k, v, qx, kx, vx, self_slices: AttnSlices, xattn_slices: AttnSlices):
         with _no_autocast(v):  # the kernels run in their inputs' dtype (bf16 under autocast), fp32 accumulation
             out_self = self.core_attention(q, k, v, self_slices)

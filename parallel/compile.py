@@ -6,8 +6,8 @@ first call (``dynamic=True``): the token count, the chunk count and the caption-
 from one packed batch to the next, and a static compile would be redone for each new size. Duck
 shaping is off while a block runs: with it, a size that happens to equal a fixed one (16 chunks
 and the tiny model's 16-wide condition, ``cond [16, 16]``) shares its symbol and is specialised,
-and the next batch with another chunk count recompiles. The
-attention itself is not traced (``ParallelAttention.attend`` is ``torch.compiler.disable``d): its
+and the next batch with another chunk count recompiles. The attention itself is not traced
+(each block's ``ParallelAttention.attend`` is wrapped in ``torch.compiler.disable`` here): its
 slice lists are Python data that differ for every mask. So a run compiles each block's dense work
 once (the blocks share one compiled graph) and never again, whatever the masks.
 
@@ -42,5 +42,7 @@ def apply_compile(model: nn.Module, enabled: bool) -> int:
     if not enabled:
         return 0
     for layer in model.layers:
+        attn = layer.self_attention
+        attn.attend = torch.compiler.disable(attn.attend)  # never traced (module doc)
         layer.forward = compiled(layer.forward)
     return len(model.layers)
