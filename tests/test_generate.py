@@ -222,8 +222,10 @@ def peak_alloc_bytes(fn) -> int:
 
 
 def test_sliding_context_memory_is_flat():
-    """Chunks are consumed as they stream (as the CLI does); with a 2-chunk context the peak for 16
-    chunks is within 10% of 4 chunks, and without a cap it grows (so the measure can fail)."""
+    """Chunks are consumed as they stream (as the CLI does); with a 2-chunk context the peak for 8
+    chunks is within 10% of 4 chunks, and without a cap it grows (so the measure can fail: measured
+    62.6 KB at 4 chunks, 59.4 KB at 8 capped, 116.9 KB at 8 uncapped; 16 chunks took 4x as long under
+    the profiler and showed the same; the 8-to-64-chunk claim is test_history_window's)."""
     model = make_model()
 
     def run(n, cap):
@@ -233,9 +235,9 @@ def test_sliding_context_memory_is_flat():
         with torch.no_grad():
             return peak_alloc_bytes(lambda: [None for _ in sampler.stream()])
 
-    short, long = run(4, 2), run(16, 2)
+    short, long = run(4, 2), run(8, 2)
     assert long <= 1.10 * short, (short, long)
-    assert run(16, None) > 1.10 * short
+    assert run(8, None) > 1.10 * short
 
 
 # --- CLI --------------------------------------------------------------------------------------
