@@ -66,6 +66,7 @@ def untrained_row(run_dir: str, captions: list[str], chunks: int, out: str) -> d
     cfg.run.dir = os.path.join(out, "untrained")
     cfg.parallel.dp = cfg.parallel.cp = cfg.parallel.tp = 1
     cfg.train.steps, cfg.optim.lr, cfg.ckpt.every = 1, 1e-12, 0  # one step at lr ~0: the initial weights
+    cfg.optim.restart_at = 0
     cfg.log.progress = cfg.log.tensorboard = False
     cfg.data.curriculum = cfg.data.curriculum[:1]
     train(cfg)

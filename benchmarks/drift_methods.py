@@ -40,7 +40,8 @@ def train_cmd(out: str, init: str, shards: str, steps: int, extra: list[str]) ->
             "cfg.data.curriculum = cfg.data.curriculum[-1:]; train(cfg)")
     return [sys.executable, "-c", code, f"run.dir={out}", f"data.shards={shards}", "parallel.dp=1", "parallel.cp=1",
             "parallel.tp=1", f"train.steps={steps}", "log.progress=false", "log.tensorboard=false", "run.overwrite=true",
-            f"ckpt.init_from={init}", "optim.lr=2e-3", "optim.warmup_steps=10", "train.seed=7", *extra]
+            f"ckpt.init_from={init}", "optim.lr=2e-3", "optim.warmup_steps=10", "optim.restart_at=0", "train.seed=7",
+            *extra]
 
 
 def run_all(cmds: dict, jobs: int) -> None:

@@ -47,7 +47,7 @@ from magitrain.configs import config_path
 
 WORLD = 4  # local ranks of the tp and cp launches (dp=2 x tp=2, dp=2 x cp=2)
 DP = 2  # data-parallel ranks: the same in every launch (a resumed data stream keeps its dp split)
-CP_STEPS = 30  # long-stage steps on dp=2 x cp=2 before the rest runs on dp=2 alone
+CP_STEPS = 10  # long-stage steps on dp=2 x cp=2 before the rest runs on dp=2 alone
 PIXELS, FRAMES = 64, 32  # media size: PatchEncoder latents of 8x8, 8 latent frames
 LOW_RES = 32  # the low-res shard set: the same clips downscaled, latents of 4x4
 TEMPORAL_FACTOR = 4  # PatchEncoder: pixel frames per latent frame
