@@ -42,7 +42,7 @@ setup(
         "t5": ["transformers>=4.40", "tokenizers>=0.19", "sentencepiece>=0.1.99", "protobuf>=3.20", "ftfy>=6",
                "beautifulsoup4>=4.9"],
         "lora": ["peft>=0.13"],  # only to load an exported adapter into PEFT (tests/test_lora.py); training needs none
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5",
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.5",
                 # offline schema checks of the Kubernetes / PyTorchJob manifests (tests/test_launch_k8s.py)
                 "kubernetes-validate>=1.28", "kubeflow-training>=1.8,<2", "jsonschema>=4.18"],
     },

@@ -14,6 +14,7 @@ their resumes) needs no C++ op and is what ``.ci/run`` runs; ``offload`` (ZeRO-O
 remaining stage x accumulation pairs) runs with ``.ci/run --full``.
 """
 
+import importlib
 import json
 import os
 import socket
@@ -89,8 +90,8 @@ def _worker(rank, world, port, root, subset):
                       LOCAL_RANK=str(rank))
     # DeepSpeed's CPU accelerator also JIT-builds a shared-memory all-reduce (~50 s of g++ per new venv)
     # that only its inference path calls; ZeRO's training collectives go through torch.distributed
-    import deepspeed.comm.torch as ds_comm_torch
-    ds_comm_torch.build_shm_op = lambda: None
+    # (the module itself: ``import deepspeed.comm.torch as m`` binds the torch package deepspeed.comm re-exports)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     results = {name: run_steps(_cfg(root, name, world, *ENGINES[name])) for name in SUBSETS[subset]}
     sizes = _train_and_resume(root, world, offload=subset == "offload")
     if rank == 0:
