@@ -193,7 +193,7 @@ def _write_samples(builder: ShardBuilder, args, files: list[str], keys: list[str
     buckets: dict[str, dict] = {}
     skipped = []
     # a fixed integer mtime: a float one (webdataset's default, the build time) costs every member a PAX
-    # header that the training reader parses again on every pass (~40% of its tar time); the shards are
+    # header that the training reader parses again on every pass (about half its tar time); the shards are
     # also byte-for-byte reproducible
     with wds.ShardWriter(pattern, maxcount=args.max_shard_samples, maxsize=args.max_shard_size,
                          encoder=False, verbose=0, mtime=0) as writer:
