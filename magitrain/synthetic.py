@@ -32,7 +32,8 @@ def color_vector(color: str, channels: int) -> torch.Tensor:
 
 def render_shape_video(frames: int, height: int, width: int, channels: int, gen: torch.Generator,
                        color: str | None = None, shape: str | None = None, motion: str | None = None,
-                       grows: bool | None = None, period: int | None = None) -> tuple[torch.Tensor, str]:
+                       grows: bool | None = None, period: int | None = None,
+                       start_spread: float = 0.5) -> tuple[torch.Tensor, str]:
     """One clip ``[channels, frames, height, width]`` in [-1, 1] and its caption.
 
     A shape of one colour moves in one direction at a steady speed over a dark background
@@ -42,6 +43,8 @@ def render_shape_video(frames: int, height: int, width: int, channels: int, gen:
     ``period`` (default ``frames``): the clip length that speed and growth are defined over, so a
     longer render continues a ``period``-frame clip: the first ``period`` frames equal it, the shape
     keeps its speed after them and its size stays at the end of the range one period covers.
+    ``start_spread``: the width, as a share of the frame, of the square around the frame's centre the
+    shape starts in (uniformly); 0 starts every clip at the centre.
     """
     pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=gen))]  # noqa: E731
     drawn = pick(COLORS), pick(SHAPES), pick(list(MOTIONS)), bool(torch.randint(2, (1,), generator=gen))
@@ -49,7 +52,7 @@ def render_shape_video(frames: int, height: int, width: int, channels: int, gen:
     dy, dx = MOTIONS[motion]
     period = period or frames
     speed = max(height, width) / max(period, 1) * 0.5
-    cy, cx = (torch.rand(2, generator=gen) * 0.5 + 0.25).tolist()
+    cy, cx = (torch.rand(2, generator=gen) * start_spread + (1 - start_spread) / 2).tolist()
     cy, cx = cy * height, cx * width
     size0 = max(height, width) * 0.18
     yy, xx = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")

@@ -1,0 +1,30 @@
+"""The procedural renderer's start position: where a clip's shape starts (``start_spread``)."""
+
+import torch
+
+from magitrain import demo
+from magitrain.synthetic import render_shape_video
+
+
+def _start_centre(video: torch.Tensor) -> tuple[float, float]:
+    """(row, column) centre of the shape's bounding box in frame 0 (it starts clear of the edges)."""
+    rows, cols = (video[:, 0] != video[:, 0, 0, 0][:, None, None]).any(0).nonzero(as_tuple=True)
+    return (rows.min() + rows.max() + 1).item() / 2, (cols.min() + cols.max() + 1).item() / 2
+
+
+def test_start_spread_zero_starts_every_clip_at_the_centre():
+    fixed = dict(color="red", shape="square", motion="right", grows=True)
+    centres = {_start_centre(render_shape_video(32, 64, 64, 3, torch.Generator().manual_seed(s), start_spread=0.0,
+                                                **fixed)[0]) for s in range(8)}
+    assert centres == {(32.0, 32.0)}
+    spread = [_start_centre(render_shape_video(32, 64, 64, 3, torch.Generator().manual_seed(s), **fixed)[0])
+              for s in range(32)]
+    ys = [y for y, _ in spread]
+    assert 16 <= min(ys) and max(ys) <= 48 and max(ys) - min(ys) > 20  # the default: the middle half
+
+
+def test_demo_clips_start_at_the_demo_spread():
+    assert demo.START_SPREAD == 0.0
+    a, cap = demo.demo_clip(1, color="blue", shape="disk", motion="up", grows=False)
+    b, _ = demo.demo_clip(2, color="blue", shape="disk", motion="up", grows=False)
+    assert cap == "a blue disk moving up, shrinking" and torch.equal(a, b)  # nothing left to draw at random
