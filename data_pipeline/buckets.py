@@ -7,8 +7,13 @@ centre-cropped. A sample may fit several buckets; one is drawn by weight from th
 seeded RNG. A one-frame bucket holds images (and videos used as images, with probability
 ``image_ratio``). With no buckets a sample keeps its own size, cut to whole chunks and patches.
 
-A *stage* is one curriculum step: its buckets, token budget per packed sequence, shards and
-image ratio, serving steps ``< until_step``.
+A cut shorter than its sample starts at a random latent frame, or at the first (``temporal_crop:
+start``): a chunk-causal model reads a sample's first chunk as a video's first chunk, so data whose
+captions describe the clip from its start (the demo's "growing", "shrinking") needs its cuts to start
+there too.
+
+A *stage* is one curriculum step: its buckets, token budget per packed sequence, shards, image ratio
+and temporal crop, serving steps ``< until_step``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import random
 from dataclasses import dataclass
 
 from magitrain.config import Config, ConfigError, shard_specs
+
+TEMPORAL_CROPS = ("random", "start")
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class Stage:
     shards: tuple[str, ...]  # the stage's shard specs (data.shards: one string or a list)
     buckets: tuple[Bucket, ...]
     image_ratio: float
+    temporal_crop: str = "random"  # random | start
 
 
 def _parse_bucket(raw, where: str) -> Bucket:
@@ -99,11 +107,14 @@ def resolve_stages(cfg: Config, geo: Geometry) -> list[Stage]:
         shards = (st.shards if st is not None and st.shards else d.shards)
         raw_buckets = (st.buckets if st is not None and st.buckets else d.buckets)
         ratio = (st.image_ratio if st is not None and st.image_ratio >= 0 else d.image_ratio)
+        crop = (st.temporal_crop if st is not None and st.temporal_crop else d.temporal_crop)
         until = st.until_step if st is not None else 0
         if not shards:
             raise ConfigError(f"{where}: no shards (set data.shards or the stage's shards)")
         if not 0.0 <= ratio <= 1.0:
             raise ConfigError(f"{where}: image_ratio={ratio} must be in [0, 1]")
+        if crop not in TEMPORAL_CROPS:
+            raise ConfigError(f"{where}: temporal_crop={crop!r} must be one of {', '.join(TEMPORAL_CROPS)}")
         last = i == len(declared) - 1
         if (until <= prev_until and not (last and until == 0)) or until < 0:
             raise ConfigError(f"{where}: until_step={until} must increase from stage to stage "
@@ -114,7 +125,7 @@ def resolve_stages(cfg: Config, geo: Geometry) -> list[Stage]:
         if buckets and not any(b.weight > 0 for b in buckets):
             raise ConfigError(f"{where}: every bucket has weight 0")
         stages.append(Stage(i, st.name if st is not None else "default", until, seq, tuple(shard_specs(shards)),
-                            buckets, ratio))
+                            buckets, ratio, crop))
         prev_until = until
     return stages
 
@@ -166,5 +177,5 @@ def choose_cut(stage: Stage, geo: Geometry, avail: tuple[int, int, int], is_imag
             f = min(frames // geo.video_frame_step, seq_tokens // per_step) * geo.video_frame_step
         if f == 0 or geo.tokens(f, h, w) > seq_tokens:
             return None
-    start = rng.randrange(frames - f + 1)
-    return Cut(f, h, w, start, as_image)
+    start = rng.randrange(frames - f + 1)  # drawn in either mode: the mode changes no other draw
+    return Cut(f, h, w, 0 if stage.temporal_crop == "start" else start, as_image)

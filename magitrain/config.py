@@ -126,6 +126,7 @@ class CurriculumStage:
     shards: Any = ""  # '' : keep data.shards; a spec string or a list of them, as data.shards
     buckets: list = field(default_factory=list)  # [[frames, height, width, weight], ...] (latent sizes); []: data.buckets
     image_ratio: float = -1.0  # share of videos used as one-frame images; < 0: keep data.image_ratio
+    temporal_crop: str = ""  # '' : keep data.temporal_crop
 
 
 @dataclass
@@ -149,6 +150,9 @@ class DataConfig:
     # [] keeps each sample's own size (cropped to whole chunks and patches)
     buckets: list = field(default_factory=list)
     image_ratio: float = 0.0  # probability a video sample is used as a one-frame image
+    # where a cut shorter than its sample starts: random (any latent frame) | start (the sample's first frame,
+    # for data whose captions describe the clip from its first frame on, as the demo's do)
+    temporal_crop: str = "random"
     manifest: str = ""  # '' : manifest.json next to local shards, when present (expected sample counts)
     latent_encoder: str = "patch"  # for raw-media shards: patch | magi1-vae[-tiled] | module.path:factory (factory(channels, weights))
     latent_encoder_weights: str = ""  # local weights: MAGI-1's VAE folder for magi1-vae, or a custom factory's

@@ -68,3 +68,32 @@ def test_bad_curriculum_configs_are_clear_errors(tmp_path):
     for override, msg in bad.items():
         with pytest.raises(ConfigError, match=msg):
             WebDatasetSource(tiny_cfg(str(tmp_path), override), 0, 1)
+
+
+def test_temporal_crop_start_cuts_from_the_first_frame_and_changes_no_other_draw(tmp_path):
+    """``temporal_crop: start``: every cut shorter than its sample starts at latent frame 0 (random: anywhere),
+    and the bucket drawn for each sample is the same in both modes (the start is still drawn)."""
+    import random
+
+    import pytest
+
+    from magitrain.config import ConfigError
+    from magitrain.data_pipeline.buckets import Bucket, Geometry, Stage, choose_cut
+
+    geo = Geometry(t_patch=1, patch=2, chunk_frames=2, channels=4)
+    buckets = (Bucket(8, 8, 8, 2.0), Bucket(4, 8, 8, 1.0), Bucket(2, 8, 8, 1.0))
+    cuts = {}
+    for mode in ("random", "start"):
+        stage = Stage(0, "long", 0, 1024, ("x",), buckets, 0.0, mode)
+        rng = random.Random(0)
+        cuts[mode] = [choose_cut(stage, geo, (8, 8, 8), False, False, rng, 1024) for _ in range(200)]
+    assert [c.frames for c in cuts["random"]] == [c.frames for c in cuts["start"]]
+    assert {c.start for c in cuts["start"]} == {0}
+    assert {c.start for c in cuts["random"] if c.frames == 4} == {0, 1, 2, 3, 4}
+    write_latent_shards(str(tmp_path), [[(2, 4, 4)]])
+    with pytest.raises(ConfigError, match="temporal_crop='middle' must be one of random, start"):
+        WebDatasetSource(tiny_cfg(str(tmp_path), "data.temporal_crop=middle"), 0, 1)
+    from magitrain.data_pipeline.buckets import resolve_stages
+
+    cfg = tiny_cfg(str(tmp_path), STAGES.replace("image_ratio: 0.0}", "image_ratio: 0.0, temporal_crop: start}"))
+    assert [s.temporal_crop for s in resolve_stages(cfg, geo)] == ["random", "start", "random"]
