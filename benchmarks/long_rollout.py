@@ -55,7 +55,8 @@ def ground_truth(caption: str, seed: int, chunks: int) -> torch.Tensor:
     c = Caption.parse(caption)
     video, _ = render_shape_video(chunks * CHUNK_FRAMES, demo.PIXELS, demo.PIXELS, 3,
                                   torch.Generator().manual_seed(seed), color=c.colour, shape=c.shape,
-                                  motion=c.direction, grows=c.growing, period=demo.FRAMES)
+                                  motion=c.direction, grows=c.growing, period=demo.FRAMES,
+                                  start_spread=demo.START_SPREAD)  # where the demo's training clips start
     return ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
