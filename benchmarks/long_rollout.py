@@ -15,7 +15,7 @@ the end of one clip's range. For every caption and seed the benchmark renders th
   ground truth's, decoded the same way (PatchEncoder round trip), so a perfect model scores 0.
 
 Every method sees the same captions (``--captions`` of the demo's seen ones), seeds, prefixes and
-sampler (the demo's: cfg 1.5, history guidance 1.5, 32 steps, window 4, unless ``--sampler-args`` or a
+sampler (the demo's: ``demo.DEMO_CFG_SCALE``, history guidance 1.5, 32 steps, window 4, unless ``--sampler-args`` or a
 method's own flags say otherwise; later flags win). ``--max-context`` / ``--sink-chunks`` in
 ``--sampler-args`` keep the cache bounded. Quarters: the mean of the first and last quarter of the
 chunks after the prefix; drift = first quarter minus last quarter. ``--length 8`` also reports the

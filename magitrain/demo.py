@@ -61,9 +61,9 @@ QUICK_SCALE = 0.15  # --quick: this share of the curriculum's steps
 GEN_CHUNKS = 8  # demo.mp4: 16 latent = 64 pixel frames, twice the longest training clip (32)
 EVAL_CHUNKS = 4  # each scored caption: 32 frames
 GEN_STEPS = 32
-DEMO_CFG_SCALE = 1.5  # text guidance ...
-DEMO_HISTORY_SCALE = 1.5  # ... and MAGI-1's history guidance (3-pass): the best of a sweep on the demo model
-#   (design.md, issue 13, third round); None: 2-pass
+DEMO_CFG_SCALE = 1.25  # text guidance (1.5 over-grows a "growing" bar into a band on the sixth round's models) ...
+DEMO_HISTORY_SCALE = 1.5  # ... and MAGI-1's history guidance (3-pass): the best of sweeps on the demo models
+#   (design.md, issue 13, third and sixth rounds); None: 2-pass
 # (colour, direction) pairs no training clip shows; every colour and direction is seen otherwise
 HELD_OUT = {("red", "left"), ("green", "down"), ("blue", "up"), ("purple", "right")}
 SEEN_CAPTIONS = [
