@@ -78,7 +78,7 @@ def test_temporal_crop_start_cuts_from_the_first_frame_and_changes_no_other_draw
     import pytest
 
     from magitrain.config import ConfigError
-    from magitrain.data_pipeline.buckets import Bucket, Geometry, Stage, choose_cut
+    from magitrain.data_pipeline.buckets import Bucket, Geometry, Stage, choose_cut, resolve_stages
 
     geo = Geometry(t_patch=1, patch=2, chunk_frames=2, channels=4)
     buckets = (Bucket(8, 8, 8, 2.0), Bucket(4, 8, 8, 1.0), Bucket(2, 8, 8, 1.0))
@@ -93,7 +93,5 @@ def test_temporal_crop_start_cuts_from_the_first_frame_and_changes_no_other_draw
     write_latent_shards(str(tmp_path), [[(2, 4, 4)]])
     with pytest.raises(ConfigError, match="temporal_crop='middle' must be one of random, start"):
         WebDatasetSource(tiny_cfg(str(tmp_path), "data.temporal_crop=middle"), 0, 1)
-    from magitrain.data_pipeline.buckets import resolve_stages
-
     cfg = tiny_cfg(str(tmp_path), STAGES.replace("image_ratio: 0.0}", "image_ratio: 0.0, temporal_crop: start}"))
     assert [s.temporal_crop for s in resolve_stages(cfg, geo)] == ["random", "start", "random"]
