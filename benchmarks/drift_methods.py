@@ -1,7 +1,7 @@
 """Train the drift benchmark's methods at equal compute from one base model, then compare them.
 
-    python benchmarks/drift_methods.py --base runs/demo/run --shards runs/demo/shards --out runs/drift
-    python benchmarks/long_rollout.py ...   (the command this prints at the end)
+    python benchmarks/drift_methods.py --base runs/demo/run --process-frames 128 --out runs/drift
+    python benchmarks/long_rollout.py ...   (the commands this prints at the end)
 
 From the base run (the demo's model: ``magitrain demo``), one process each, the demo's long stage:
 
@@ -19,6 +19,13 @@ From the base run (the demo's model: ``magitrain demo``), one process each, the 
    defaults to ``round(3 x extra / 16.7)``; the script prints the compute each method actually spent.
 
 Every run: ``optim.lr=2e-3``, 10 warm-up steps, ``train.seed=7``, the base's EMA as init.
+
+``--process-frames N`` trains every method (both phases) on windows of the process the benchmark's
+ground truth continues, instead of ``--shards``: the 120 seen combinations rendered for ``N`` frames
+(``demo.demo_clip``: the demo's clip, then the shape keeps its speed, wraps around and holds its
+size), in ``OUT/process_shards``, cut at random start frames (``data.temporal_crop=random``). Then
+every state a long rollout should show (a wrapped position, a size that stopped changing) is in the
+training data, and what drifts is the model's own error, not a state it never saw.
 """
 
 from __future__ import annotations
@@ -62,30 +69,55 @@ def forward_equivalents(run_dir: str) -> float:
     return sum(3 + (r["rollout_calls"] + 3 if "rollout_calls" in r else 0) for r in rows)
 
 
+def build_process_shards(out: str, frames: int, clips: int) -> str:
+    """``clips`` seen-caption clips of ``frames`` frames as the demo's shards; returns the shard folder."""
+    from magitrain import demo
+    from magitrain.config import load_config
+    from magitrain.configs import config_path
+
+    media, shards = os.path.join(out, "process_media"), os.path.join(out, "process_shards")
+    demo.make_media(media, clips, frames)
+    demo.build_shards(media, shards, load_config(config_path("demo.yaml"), ["parallel.dp=1", "parallel.cp=1"], world_size=1), clips)
+    return shards
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="the base run dir (e.g. the demo's runs/demo/run)")
-    p.add_argument("--shards", required=True, help="its training shards (e.g. runs/demo/shards)")
+    p.add_argument("--shards", default="", help="its training shards (e.g. runs/demo/shards); not with --process-frames")
     p.add_argument("--out", default="runs/drift")
     p.add_argument("--fm-steps", type=int, default=600)
     p.add_argument("--extra-steps", type=int, default=300)
     p.add_argument("--rollout-steps", type=int, help="self-rollout steps of phase 2 (default: equal compute)")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--process-frames", type=int, default=0,
+                   help="train on random windows of clips this long (frames; 0: on --shards as given)")
+    p.add_argument("--process-clips", type=int, default=120, help="clips of --process-frames")
     args = p.parse_args(argv)
-    for path in (args.base, args.shards):
+    if bool(args.shards) == bool(args.process_frames):
+        print("error: give one of --shards (the base's data) and --process-frames", file=sys.stderr)
+        return 2
+    for path in (args.base, args.shards or args.base):
         if not os.path.isdir(path):
             print(f"error: {path} is not a directory", file=sys.stderr)
             return 2
+    if args.process_frames and args.process_frames < 32:
+        print("error: --process-frames must be 0 or at least the demo's clip (32 frames)", file=sys.stderr)
+        return 2
     sr_steps = args.rollout_steps or round(3 * args.extra_steps / 16.7)
     d = lambda name: os.path.join(args.out, name)  # noqa: E731
     os.makedirs(args.out, exist_ok=True)
-    run_all({"base": train_cmd(d("base"), args.base, args.shards, args.fm_steps, []),
-             "hnoise": train_cmd(d("hnoise"), args.base, args.shards, args.fm_steps, [HNOISE])}, args.jobs)
-    sr = ["objective=self_rollout"]
-    run_all({"teacher_forced": train_cmd(d("teacher_forced"), d("base"), args.shards, args.extra_steps, []),
-             "history_noise": train_cmd(d("history_noise"), d("hnoise"), args.shards, args.extra_steps, [HNOISE]),
-             "self_rollout": train_cmd(d("self_rollout"), d("base"), args.shards, sr_steps, sr),
-             "history_noise+self_rollout": train_cmd(d("hn_self_rollout"), d("hnoise"), args.shards, sr_steps,
+    shards, crop = args.shards, []
+    if args.process_frames:
+        shards = build_process_shards(args.out, args.process_frames, args.process_clips)
+        crop = ["data.temporal_crop=random"]
+    run_all({"base": train_cmd(d("base"), args.base, shards, args.fm_steps, crop),
+             "hnoise": train_cmd(d("hnoise"), args.base, shards, args.fm_steps, [HNOISE, *crop])}, args.jobs)
+    sr = ["objective=self_rollout", *crop]
+    run_all({"teacher_forced": train_cmd(d("teacher_forced"), d("base"), shards, args.extra_steps, crop),
+             "history_noise": train_cmd(d("history_noise"), d("hnoise"), shards, args.extra_steps, [HNOISE, *crop]),
+             "self_rollout": train_cmd(d("self_rollout"), d("base"), shards, sr_steps, sr),
+             "history_noise+self_rollout": train_cmd(d("hn_self_rollout"), d("hnoise"), shards, sr_steps,
                                                      sr + ["rollout.context_t=0.9"])}, args.jobs)
     for name in ("teacher_forced", "history_noise", "self_rollout", "hn_self_rollout"):
         print(f"{name}: phase 2 compute {forward_equivalents(d(name)):.0f} forward-equivalents")
@@ -94,10 +126,11 @@ def main(argv=None) -> int:
                f"--context-t 0.9' --method 'self_rollout={d('self_rollout')} {one_pass}' "
                f"--method 'self_rollout_guided={d('self_rollout')}' "
                f"--method 'history_noise+self_rollout={d('hn_self_rollout')} {one_pass} --context-t 0.9'")
-    print("\nthe comparison (benchmarks/README.md, issue 17): all history in the cache, 8x; a rolling window of 3, 16x")
-    print(f"python benchmarks/long_rollout.py --length 8 --captions 4 --seeds 2 --jobs 2 --out {d('bench8')} {methods}")
-    print(f"python benchmarks/long_rollout.py --length 16 --captions 4 --seeds 2 --jobs 2 --sampler-args "
-          f"'--max-context 3' --out {d('bench16w')} {methods}")
+    print("\nthe comparison (benchmarks/README.md, issue 17): a rolling window of 3 (what a 4-chunk training clip shows a "
+          "chunk), 8x, 32 rollouts per method; then all history in the cache")
+    print(f"python benchmarks/long_rollout.py --length 8 --captions 8 --seeds 4 --jobs 2 --sampler-args "
+          f"'--max-context 3' --out {d('bench8w3')} {methods}")
+    print(f"python benchmarks/long_rollout.py --length 8 --captions 8 --seeds 2 --jobs 2 --out {d('bench8')} {methods}")
     return 0
 
 

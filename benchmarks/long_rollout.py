@@ -50,14 +50,9 @@ PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 
 
 def ground_truth(caption: str, seed: int, chunks: int) -> torch.Tensor:
     """uint8 ``[chunks * 8, 64, 64, 3]``: the caption's clip continued to ``chunks`` chunks."""
-    from magitrain.synthetic import render_shape_video
-
     c = Caption.parse(caption)
-    video, _ = render_shape_video(chunks * CHUNK_FRAMES, demo.PIXELS, demo.PIXELS, 3,
-                                  torch.Generator().manual_seed(seed), color=c.colour, shape=c.shape,
-                                  motion=c.direction, grows=c.growing, period=demo.FRAMES,
-                                  start_spread=demo.START_SPREAD)  # where the demo's training clips start
-    return ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return demo.demo_clip(seed, chunks * CHUNK_FRAMES, color=c.colour, shape=c.shape, motion=c.direction,
+                          grows=c.growing)[0]
 
 
 def per_chunk(frames: torch.Tensor, truth: torch.Tensor, caption: str) -> dict:
@@ -82,10 +77,24 @@ def rollout(method: str, run: str, extra: list[str], caption: str, seed: int, ch
     os.makedirs(os.path.join(out, method), exist_ok=True)
     prefix = os.path.join(out, method, f"prefix_{seed}.npy")  # per method: parallel jobs never share a file
     np.save(prefix, enc.encode(truth[:CHUNK_FRAMES]).numpy())
-    mp4 = os.path.join(out, method, f"{seed}.mp4")
+    mp4 = latents_path(method, seed, out)[:-4] + ".mp4"
     args = demo.generation_args(run, caption, mp4, chunks=chunks, seed=seed) + ["--prefix", prefix] + extra
     summary = generate.run(generate.build_parser().parse_args(args))
-    latents = torch.from_numpy(np.load(summary["latents"], allow_pickle=False))
+    return score_rollout(summary["latents"], caption, seed, chunks)
+
+
+def latents_path(method: str, seed: int, out: str) -> str:
+    """Where :func:`rollout` leaves a rollout's latents (``generate``'s ``.npy`` beside its mp4)."""
+    return os.path.join(out, method, f"{seed}.npy")
+
+
+def score_rollout(latents_npy: str, caption: str, seed: int, chunks: int) -> dict:
+    """Per-chunk figures of a saved rollout against its ground truth (``--rescore`` reads them again)."""
+    enc = PatchEncoder(4)
+    latents = torch.from_numpy(np.load(latents_npy, allow_pickle=False))
+    if latents.shape[1] * demo.TEMPORAL_FACTOR != chunks * CHUNK_FRAMES:
+        raise ValueError(f"{latents_npy} holds {latents.shape[1]} latent frames, not {chunks} chunks")
+    truth = ground_truth(caption, seed, chunks)
     return per_chunk(enc.decode(latents), enc.decode(enc.encode(truth)), caption)
 
 
@@ -158,6 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--sampler-args", default="", help="generate flags for every method (before its own)")
     p.add_argument("--out", default="runs/bench_rollout")
     p.add_argument("--jobs", type=int, default=1, help="rollouts run at once (processes, one thread each)")
+    p.add_argument("--rescore", action="store_true",
+                   help="score the rollouts an earlier run with the same flags left in --out, without generating")
     args = p.parse_args(argv)
     try:
         methods = [parse_method(m) for m in args.method]
@@ -176,7 +187,18 @@ def main(argv=None) -> int:
     for job in jobs:
         os.makedirs(job[-1], exist_ok=True)
     start = time.time()
-    if args.jobs > 1:
+    if args.rescore:
+        missing = [latents_path(j[0], j[4], j[6]) for j in jobs if not os.path.isfile(latents_path(j[0], j[4], j[6]))]
+        if missing:
+            print(f"error: --rescore: {len(missing)} rollouts are not in {args.out} (first: {missing[0]})",
+                  file=sys.stderr)
+            return 2
+        try:
+            figures = [score_rollout(latents_path(j[0], j[4], j[6]), j[3], j[4], j[5]) for j in jobs]
+        except ValueError as e:
+            print(f"error: --rescore: {e}", file=sys.stderr)
+            return 2
+    elif args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(1,)) as pool:
@@ -188,7 +210,8 @@ def main(argv=None) -> int:
         runs = [f for job, f in zip(jobs, figures) if job[0] == name]
         curves = {f: [float(np.mean([r[f][c] for r in runs])) for c in range(chunks)] for f in runs[0]}
         results[name] = {"run": run, "flags": common + flags, "curves": curves, "rollouts": len(runs)}
-    print(f"{len(jobs)} rollouts of {chunks} chunks in {time.time() - start:.0f} s ({args.jobs} at a time)", flush=True)
+    verb = "rescored" if args.rescore else f"in {time.time() - start:.0f} s ({args.jobs} at a time)"
+    print(f"{len(jobs)} rollouts of {chunks} chunks {verb}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     lengths = [args.length] + ([args.length // 2] if args.length >= 2 else [])
     table = {}

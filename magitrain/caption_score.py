@@ -10,7 +10,9 @@ be scored against its caption, per caption field:
   ``MAX_CLUTTER`` of the pixels away from it outside the object) and exactly one compact object:
   the largest 4-connected (wrap-around) component of off-background pixels holds at least
   ``MIN_OBJECT_SHARE`` of them, covers ``MIN_AREA``..``MAX_AREA_FRAC`` of the frame, and is compact
-  (its second moment over area^2 is at most ``MAX_SPREAD``; a bar scores 0.33, a square 0.17).
+  (its second moment over area^2 is at most ``MAX_SPREAD``; a bar scores 0.33, a square 0.17) and
+  does not wrap around the frame (a component in every column or every row is a band, with no
+  position to move: the widest shape the renderer draws, a grown bar, spans 52 of 64 columns).
 - **colour** (per frame): the object's mean offset from the background points to the caption's
   palette colour (cosine at least ``MIN_COLOUR_COS``; the palette's directions are at most 0.77
   apart). A frame with no object counts as wrong.
@@ -151,8 +153,9 @@ def read_frame(frame: np.ndarray) -> FrameReading:
     dx = (xs - cx + w / 2) % w - w / 2
     spread = float((wts * (dy**2 + dx**2)).sum() / area**2)
     clutter = float((off & ~region).sum()) / (h * w)
+    band = bool(inside.any(axis=0).all() or inside.any(axis=1).all())
     present = (area <= MAX_AREA_FRAC * h * w and core_share >= MIN_OBJECT_SHARE and clutter <= MAX_CLUTTER
-               and spread <= MAX_SPREAD)
+               and spread <= MAX_SPREAD and not band)
     return FrameReading(bool(present), names[best], float(cos[best]), area, (cy, cx))
 
 

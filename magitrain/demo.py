@@ -100,13 +100,15 @@ class Progress:
 
 # --- 1. media ---------------------------------------------------------------------------------
 
-def demo_clip(seed: int, **fixed) -> tuple[torch.Tensor, str]:
-    """One procedural clip: uint8 ``[FRAMES, PIXELS, PIXELS, 3]`` and its caption (``fixed``: the
-    renderer's colour/shape/motion/grows choices)."""
+def demo_clip(seed: int, frames: int = FRAMES, **fixed) -> tuple[torch.Tensor, str]:
+    """One procedural clip: uint8 ``[frames, PIXELS, PIXELS, 3]`` and its caption (``fixed``: the
+    renderer's colour/shape/motion/grows choices). ``frames`` past ``FRAMES`` continue the same
+    clip (the renderer's ``period``): the first ``FRAMES`` are the demo's clip, then the shape keeps
+    its speed, wraps around the frame and holds its size."""
     from magitrain.synthetic import render_shape_video
 
-    video, caption = render_shape_video(FRAMES, PIXELS, PIXELS, 3, torch.Generator().manual_seed(seed),
-                                        **{"start_spread": START_SPREAD, **fixed})
+    video, caption = render_shape_video(frames, PIXELS, PIXELS, 3, torch.Generator().manual_seed(seed),
+                                        **{"start_spread": START_SPREAD, "period": FRAMES, **fixed})
     return ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), caption
 
 
@@ -129,18 +131,19 @@ def seen_combinations() -> list[dict]:
     return [combos[i] for i in order]
 
 
-def make_media(folder: str, count: int) -> list[str]:
+def make_media(folder: str, count: int, frames: int = FRAMES) -> list[str]:
     """``count`` clips ``clip_NNNN.mp4`` with captions ``clip_NNNN.txt``: clip ``i`` shows seen
     combination ``i mod 120`` (:func:`seen_combinations`), at a start position drawn from seed ``i``,
-    so every seen caption is in the data (a random draw of 96 clips missed 5 of the 8 scored ones)."""
+    so every seen caption is in the data (a random draw of 96 clips missed 5 of the 8 scored ones).
+    ``frames``: each clip's length (:func:`demo_clip`)."""
     from magitrain.data_pipeline.media import write_mp4
 
     os.makedirs(folder, exist_ok=True)
     combos, captions = seen_combinations(), []
     for i in range(count):
-        frames, caption = demo_clip(i, **combos[i % len(combos)])
+        video, caption = demo_clip(i, frames, **combos[i % len(combos)])
         name = os.path.join(folder, f"clip_{i:04d}")
-        write_mp4(name + ".mp4", frames, fps=FPS)
+        write_mp4(name + ".mp4", video, fps=FPS)
         with open(name + ".txt", "w") as f:
             f.write(caption + "\n")
         captions.append(caption)

@@ -57,6 +57,22 @@ def test_each_field_fails_on_the_wrong_caption(field):
     assert wrong.object_present == 1.0  # presence does not depend on the caption
 
 
+def test_a_band_around_the_frame_is_not_an_object():
+    """A shape grown across the whole frame (what a drifting "growing" rollout becomes) has no position: not
+    present, although it is one compact-enough blob; the widest shape the renderer draws still is."""
+    frame = np.full((64, 64, 3), 25, dtype=np.uint8)
+    frame[16:44, :] = (255, 0, 0)  # a red band, 28 rows, every column
+    assert not read_frame(frame).present
+    assert not read_frame(frame.transpose(1, 0, 2).copy()).present  # every row
+    frame[:, 60:] = 25  # a gap of 4 columns: a (wide) shape again
+    assert read_frame(frame).present
+    enc = PatchEncoder(4)
+    for shape in ("bar", "square"):  # grown to the end of their range, sharp and through the decoder
+        video, caption = demo_clip(3, shape=shape, motion="left", grows=True)
+        for v in (video, enc.decode(enc.encode(video))):
+            assert read_frame(v[-1].numpy()).present, caption
+
+
 def test_motion_across_the_frame_edge():
     """A shape that wraps around the edge moves on: the centroid is read on the torus."""
     for motion in ("left", "right", "up", "down"):

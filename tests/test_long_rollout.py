@@ -34,6 +34,21 @@ def test_a_long_render_continues_the_training_clip():
     assert sorted(shifted) == sorted(col(72))
 
 
+def test_a_longer_demo_clip_is_the_ground_truth_the_benchmark_scores_against():
+    """``demo_clip(seed, frames)`` (drift_methods.py's --process-frames data) continues the demo's clip,
+    and is exactly the benchmark's ground truth for the same caption and seed."""
+    bench = _bench()
+    caption = demo.SEEN_CAPTIONS[2]
+    c = bench.Caption.parse(caption)
+    fixed = dict(color=c.colour, shape=c.shape, motion=c.direction, grows=c.growing)
+    clip, _ = demo.demo_clip(11, **fixed)
+    long, text = demo.demo_clip(11, 96, **fixed)
+    assert text == caption and long.shape == (96, 64, 64, 3)
+    assert torch.equal(long[:32], clip)
+    assert torch.equal(bench.ground_truth(caption, 11, 12), long)
+    assert not torch.equal(long[40], long[72])  # it keeps moving after the clip
+
+
 def test_ground_truth_scores_itself_perfectly():
     bench = _bench()
     caption = demo.SEEN_CAPTIONS[0]
@@ -59,5 +74,15 @@ def test_noise_scores_nothing_and_is_far():
 @pytest.mark.parametrize("spec", ["no_equals_sign", "name=/does/not/exist"])
 def test_bad_method_is_a_one_line_error(spec, capsys):
     assert _bench().main(["--method", spec, "--out", "/tmp/unused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("extra", [[], ["--shards", "/tmp", "--process-frames", "128"], ["--process-frames", "16"]])
+def test_drift_methods_wants_one_data_source(extra, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("drift_methods", os.path.join(ROOT, "benchmarks", "drift_methods.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--base", str(tmp_path), "--out", str(tmp_path / "out"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
