@@ -77,7 +77,8 @@ def build_process_shards(out: str, frames: int, clips: int) -> str:
 
     media, shards = os.path.join(out, "process_media"), os.path.join(out, "process_shards")
     demo.make_media(media, clips, frames)
-    demo.build_shards(media, shards, load_config(config_path("demo.yaml"), ["parallel.dp=1", "parallel.cp=1"], world_size=1), clips)
+    cfg = load_config(config_path("demo.yaml"), ["parallel.dp=1", "parallel.cp=1"], world_size=1)
+    demo.build_shards(media, shards, cfg, clips)
     return shards
 
 

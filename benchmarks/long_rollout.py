@@ -72,11 +72,10 @@ def rollout(method: str, run: str, extra: list[str], caption: str, seed: int, ch
     """One method's rollout of ``caption`` from the ground truth's first chunk; its per-chunk figures."""
     from magitrain import generate
 
-    enc = PatchEncoder(4)
-    truth = ground_truth(caption, seed, chunks)
     os.makedirs(os.path.join(out, method), exist_ok=True)
     prefix = os.path.join(out, method, f"prefix_{seed}.npy")  # per method: parallel jobs never share a file
-    np.save(prefix, enc.encode(truth[:CHUNK_FRAMES]).numpy())
+    first = ground_truth(caption, seed, 1)  # a longer render's first chunk is this one (the renderer is per frame)
+    np.save(prefix, PatchEncoder(4).encode(first).numpy())
     mp4 = latents_path(method, seed, out)[:-4] + ".mp4"
     args = demo.generation_args(run, caption, mp4, chunks=chunks, seed=seed) + ["--prefix", prefix] + extra
     summary = generate.run(generate.build_parser().parse_args(args))
@@ -188,13 +187,14 @@ def main(argv=None) -> int:
         os.makedirs(job[-1], exist_ok=True)
     start = time.time()
     if args.rescore:
-        missing = [latents_path(j[0], j[4], j[6]) for j in jobs if not os.path.isfile(latents_path(j[0], j[4], j[6]))]
+        saved = [latents_path(j[0], j[4], j[6]) for j in jobs]
+        missing = [path for path in saved if not os.path.isfile(path)]
         if missing:
             print(f"error: --rescore: {len(missing)} rollouts are not in {args.out} (first: {missing[0]})",
                   file=sys.stderr)
             return 2
         try:
-            figures = [score_rollout(latents_path(j[0], j[4], j[6]), j[3], j[4], j[5]) for j in jobs]
+            figures = [score_rollout(path, j[3], j[4], j[5]) for path, j in zip(saved, jobs)]
         except ValueError as e:
             print(f"error: --rescore: {e}", file=sys.stderr)
             return 2
