@@ -113,6 +113,15 @@ def summarise(curves: dict, chunks: int) -> dict:
     return rows
 
 
+def last_quarter_presence(jobs: list[tuple], figures: list[dict], captions: list[str]) -> dict:
+    """``{caption: {method: [last-quarter object presence per seed]}}``: each rollout's own figure, which
+    the mean curves hide (a rollout tends to hold its object to the end or lose it for good)."""
+    table = {c: {} for c in captions}
+    for job, fig in zip(jobs, figures):
+        table[job[3]].setdefault(job[0], []).append(quarters(fig["object_present"])[1])
+    return table
+
+
 def chart(path: str, results: dict, chunks: int) -> None:
     """One panel per figure (mean over captions and seeds, per chunk), a line per method; PIL only."""
     from PIL import Image, ImageDraw
@@ -225,9 +234,17 @@ def main(argv=None) -> int:
             pr, mo, di = s["object_present"], s["motion"], s["distance"]
             print(f"| {name} | {length}x | {pr[0]:.0%} / {pr[1]:.0%} / {pr[2]:+.0%} | {mo[0]:.0%} / {mo[1]:.0%} / "
                   f"{mo[2]:+.0%} | {s['colour'][2]:+.0%} | {s['size_trend'][2]:+.0%} | {di[0]:.3f} / {di[1]:.3f} |")
+    captions = demo.SEEN_CAPTIONS[:args.captions]
+    per_caption = last_quarter_presence(jobs, figures, captions)
+    print(f"\nobject present in the last quarter ({args.length}x), per rollout, seed by seed\n"
+          f"| caption | {' | '.join(results)} |\n|---|{'---|' * len(results)}")
+    for caption in captions:
+        cells = [" / ".join(f"{v:.0%}" for v in per_caption[caption][name]) for name in results]
+        print(f"| {caption} | {' | '.join(cells)} |")
     chart(os.path.join(args.out, "drift.png"), results, chunks)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "methods": results, "quarters": table}, f, indent=1)
+        json.dump({"args": vars(args), "methods": results, "quarters": table,
+                   "last_quarter_presence": per_caption}, f, indent=1)
     print(f"\nchart: {os.path.join(args.out, 'drift.png')}")
     return 0
 

@@ -62,6 +62,17 @@ def test_ground_truth_scores_itself_perfectly():
     assert (first, last) == (2.0, 11.0)
 
 
+def test_last_quarter_presence_is_per_rollout():
+    """Each (caption, method) cell lists its own rollouts' last quarters in seed order, not the mean."""
+    bench = _bench()
+    held, lost = [1.0] * 9, [1.0] * 2 + [0.0] * 7  # 8 chunks after the prefix: the last quarter is 2 chunks
+    jobs = [("a", "run", [], "x", 1, 9, "o"), ("a", "run", [], "x", 2, 9, "o"), ("b", "run", [], "x", 1, 9, "o"),
+            ("a", "run", [], "y", 1, 9, "o")]
+    figures = [{"object_present": f} for f in (held, lost, lost, held)]
+    assert bench.last_quarter_presence(jobs, figures, ["x", "y"]) == {"x": {"a": [1.0, 0.0], "b": [0.0]},
+                                                                        "y": {"a": [1.0]}}
+
+
 def test_noise_scores_nothing_and_is_far():
     bench = _bench()
     caption = demo.SEEN_CAPTIONS[1]
