@@ -21,7 +21,7 @@ from conftest import REPO
 SCRIPT = os.path.join(REPO, "launch", "slurm.sh")
 CI_SLURM = os.path.join(REPO, "launch", "ci_slurm.sh")
 CI_CONF = os.path.join(os.environ.get("MAGITRAIN_SLURM_DIR", "/tmp/magitrain-slurm"), "slurm.conf")
-STEPS = 10
+STEPS = 40  # enough steps after the second that USR1 lands mid-run on a fast host (at 10, a run once finished first)
 
 
 # ------------------------------------------------------------------------------------------
