@@ -43,7 +43,8 @@ def clip_rows(captions: list[str], chunks: int) -> dict:
     sharp, trip = [], []
     for i, caption in enumerate(captions):
         c = Caption.parse(caption)
-        video, _ = demo.demo_clip(10**6 + i, color=c.colour, shape=c.shape, motion=c.direction, grows=c.growing)
+        video, _ = demo.demo_clip(10**6 + i, color=c.colour, shape=c.shape, motion=c.direction, grows=c.growing,
+                                  steady=c.growing is None)
         video = video[:chunks * 8]
         sharp.append(score_video(video, caption))
         trip.append(score_video(enc.decode(enc.encode(video)), caption))

@@ -5,7 +5,9 @@
 
 The procedural domain (:mod:`magitrain.synthetic`) has a ground truth for any length: a caption's clip
 rendered past its 32 frames keeps the shape's speed (it wraps around the frame) and holds its size at
-the end of one clip's range. For every caption and seed the benchmark renders that ground truth over
+the end of one clip's range (past the clip, "growing" and "shrinking" no longer hold: ``--steady`` scores the
+captions' "keeping its size" versions instead, whose meaning holds at any length, for models trained on
+them: ``drift_methods.py --steady``). For every caption and seed the benchmark renders that ground truth over
 ``--length`` training clips (x4 chunks each), gives its first chunk to every method as a clean prefix
 (``generate --prefix``), streams the rest, and scores every chunk on its own:
 
@@ -41,6 +43,7 @@ import torch
 from magitrain import demo
 from magitrain.caption_score import Caption, score_video
 from magitrain.data_pipeline.encoders import PatchEncoder
+from magitrain.synthetic import steady_caption
 
 FIELDS = ("object_present", "colour", "motion", "size_trend")
 CHUNK_FRAMES = demo.FRAMES // 4  # pixel frames per chunk (2 latent frames x 4)
@@ -52,7 +55,13 @@ def ground_truth(caption: str, seed: int, chunks: int) -> torch.Tensor:
     """uint8 ``[chunks * 8, 64, 64, 3]``: the caption's clip continued to ``chunks`` chunks."""
     c = Caption.parse(caption)
     return demo.demo_clip(seed, chunks * CHUNK_FRAMES, color=c.colour, shape=c.shape, motion=c.direction,
-                          grows=c.growing)[0]
+                          grows=c.growing, steady=c.growing is None)[0]
+
+
+def bench_captions(count: int, steady: bool) -> list[str]:
+    """The first ``count`` of the demo's seen captions; ``steady``: their "keeping its size" versions."""
+    captions = demo.SEEN_CAPTIONS[:count]
+    return [steady_caption(c) for c in captions] if steady else captions
 
 
 def per_chunk(frames: torch.Tensor, truth: torch.Tensor, caption: str) -> dict:
@@ -175,6 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--sampler-args", default="", help="generate flags for every method (before its own)")
     p.add_argument("--out", default="runs/bench_rollout")
     p.add_argument("--jobs", type=int, default=1, help="rollouts run at once (processes, one thread each)")
+    p.add_argument("--steady", action="store_true",
+                   help="the captions' 'keeping its size' versions (the ground truth holds their meaning at any length)")
     p.add_argument("--rescore", action="store_true",
                    help="score the rollouts an earlier run with the same flags left in --out, without generating")
     args = p.parse_args(argv)
@@ -191,7 +202,7 @@ def main(argv=None) -> int:
     common = shlex.split(args.sampler_args)
     jobs = [(name, run, common + flags, caption, 10**6 + 100 * k + i, chunks, os.path.join(args.out, f"c{i}"))
             for name, run, flags in methods for k in range(args.seeds)
-            for i, caption in enumerate(demo.SEEN_CAPTIONS[:args.captions])]
+            for i, caption in enumerate(bench_captions(args.captions, args.steady))]
     for job in jobs:
         os.makedirs(job[-1], exist_ok=True)
     start = time.time()
@@ -234,7 +245,7 @@ def main(argv=None) -> int:
             pr, mo, di = s["object_present"], s["motion"], s["distance"]
             print(f"| {name} | {length}x | {pr[0]:.0%} / {pr[1]:.0%} / {pr[2]:+.0%} | {mo[0]:.0%} / {mo[1]:.0%} / "
                   f"{mo[2]:+.0%} | {s['colour'][2]:+.0%} | {s['size_trend'][2]:+.0%} | {di[0]:.3f} / {di[1]:.3f} |")
-    captions = demo.SEEN_CAPTIONS[:args.captions]
+    captions = bench_captions(args.captions, args.steady)
     per_caption = last_quarter_presence(jobs, figures, captions)
     print(f"\nobject present in the last quarter ({args.length}x), per rollout, seed by seed\n"
           f"| caption | {' | '.join(results)} |\n|---|{'---|' * len(results)}")

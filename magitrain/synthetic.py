@@ -33,7 +33,7 @@ def color_vector(color: str, channels: int) -> torch.Tensor:
 def render_shape_video(frames: int, height: int, width: int, channels: int, gen: torch.Generator,
                        color: str | None = None, shape: str | None = None, motion: str | None = None,
                        grows: bool | None = None, period: int | None = None,
-                       start_spread: float = 0.5) -> tuple[torch.Tensor, str]:
+                       start_spread: float = 0.5, steady: bool = False) -> tuple[torch.Tensor, str]:
     """One clip ``[channels, frames, height, width]`` in [-1, 1] and its caption.
 
     A shape of one colour moves in one direction at a steady speed over a dark background
@@ -45,6 +45,9 @@ def render_shape_video(frames: int, height: int, width: int, channels: int, gen:
     keeps its speed after them and its size stays at the end of the range one period covers.
     ``start_spread``: the width, as a share of the frame, of the square around the frame's centre the
     shape starts in (uniformly); 0 starts every clip at the centre.
+    ``steady``: the shape keeps its starting size in every frame and the caption says so ("keeping its
+    size" for "growing"/"shrinking"), a caption whose meaning holds for any length; everything else,
+    ``grows`` drawn included, is as without it.
     """
     pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=gen))]  # noqa: E731
     drawn = pick(COLORS), pick(SHAPES), pick(list(MOTIONS)), bool(torch.randint(2, (1,), generator=gen))
@@ -60,7 +63,8 @@ def render_shape_video(frames: int, height: int, width: int, channels: int, gen:
     col = color_vector(color, channels)
     for f in range(frames):
         y, x = (cy + dy * speed * f) % height, (cx + dx * speed * f) % width
-        size = size0 * (1 + (0.5 if grows else -0.4) * min(f, period - 1) / max(period - 1, 1))
+        trend = 0.0 if steady else 0.5 if grows else -0.4
+        size = size0 * (1 + trend * min(f, period - 1) / max(period - 1, 1))
         ady, adx = (yy - y).abs(), (xx - x).abs()
         ady, adx = torch.minimum(ady, height - ady), torch.minimum(adx, width - adx)  # wrap around
         if shape == "square":
@@ -70,8 +74,21 @@ def render_shape_video(frames: int, height: int, width: int, channels: int, gen:
         else:
             inside = (ady <= size * 0.4) & (adx <= size * 1.5)
         video[:, f][:, inside] = col[:, None]
-    caption = f"a {color} {shape} moving {motion}, {'growing' if grows else 'shrinking'}"
+    caption = f"a {color} {shape} moving {motion}, {size_phrase(None if steady else grows)}"
     return video, caption
+
+
+def size_phrase(grows: bool | None) -> str:
+    """The caption's size words: "growing", "shrinking", or "keeping its size" (``None``)."""
+    return "keeping its size" if grows is None else "growing" if grows else "shrinking"
+
+
+def steady_caption(caption: str) -> str:
+    """``caption`` with its size words replaced by "keeping its size"."""
+    head, sep, _ = caption.rpartition(", ")
+    if not sep:
+        raise ValueError(f"caption {caption!r} has no ', SIZE' ending")
+    return f"{head}, {size_phrase(None)}"
 
 
 class SyntheticSource:

@@ -57,6 +57,21 @@ def test_each_field_fails_on_the_wrong_caption(field):
     assert wrong.object_present == 1.0  # presence does not depend on the caption
 
 
+def test_keeping_its_size_scores_a_steady_shape_and_fails_a_changing_one():
+    """"keeping its size": a steady clip's windows all pass (sharp and decoded), a growing or shrinking
+    clip's fail, and a steady clip fails "growing" (the size field reads the new words, not a default)."""
+    enc = PatchEncoder(4)
+    for shape in ("square", "disk", "bar"):
+        steady, caption = demo_clip(7, 64, shape=shape, motion="down", steady=True)
+        assert caption == f"a {demo_clip(7, shape=shape)[1].split()[1]} {shape} moving down, keeping its size"
+        for frames in (steady, enc.decode(enc.encode(steady))):
+            assert score_video(frames, caption).size_trend == 1.0
+        assert score_video(steady, caption.replace("keeping its size", "growing")).size_trend == 0.0
+        for grows in (True, False):
+            changing, _ = demo_clip(7, shape=shape, motion="down", grows=grows)
+            assert score_video(changing, caption).size_trend <= 0.25  # the clip's last window: 8 frames, 7 of growth
+
+
 def test_a_band_around_the_frame_is_not_an_object():
     """A shape grown across the whole frame (what a drifting "growing" rollout becomes) has no position: not
     present, although it is one compact-enough blob; the widest shape the renderer draws still is."""
@@ -88,6 +103,7 @@ def test_windows_share_boundaries_and_caption_parsing():
     assert windows_of(17, 8) == [(0, 8), (8, 16)]
     assert windows_of(1, 8) == []
     assert Caption.parse("a red disk moving up, shrinking") == Caption("red", "disk", "up", False)
+    assert Caption.parse("a red disk moving up, keeping its size") == Caption("red", "disk", "up", None)
     with pytest.raises(ValueError, match="not of the form"):
         Caption.parse("a cat sitting")
 

@@ -62,6 +62,25 @@ def test_ground_truth_scores_itself_perfectly():
     assert (first, last) == (2.0, 11.0)
 
 
+def test_a_steady_caption_holds_for_any_length():
+    """``--steady``: the "keeping its size" ground truth scores 1 on every field in every chunk of an 8x
+    rollout (a "growing" caption's size field fails past its first clip), at the same positions as the
+    caption it comes from."""
+    bench = _bench()
+    captions = bench.bench_captions(8, steady=True)
+    assert captions[0] == "a red square moving right, keeping its size" and len(captions) == 8
+    for caption in captions[:3]:
+        truth = bench.ground_truth(caption, 10**6, 32)
+        got = bench.per_chunk(truth, truth, caption)
+        assert min(min(got[k]) for k in bench.FIELDS) == 1.0, caption
+    growing = bench.ground_truth(demo.SEEN_CAPTIONS[0], 10**6, 32)
+    assert max(bench.per_chunk(growing, growing, demo.SEEN_CAPTIONS[0])["size_trend"][5:]) == 0.0
+    steady = bench.ground_truth(captions[0], 10**6, 32)
+    for f in (0, 8, 64, 200):  # frames where neither shape wraps around the edge (x = 32 + f mod 64)
+        centres = [(v[f, :, :, 0] > 128).nonzero().float().mean(0) for v in (steady, growing)]  # the red shape's
+        assert torch.allclose(*centres, atol=0.5)
+
+
 def test_last_quarter_presence_is_per_rollout():
     """Each (caption, method) cell lists its own rollouts' last quarters in seed order, not the mean."""
     bench = _bench()

@@ -1,9 +1,9 @@
-"""The procedural renderer's start position: where a clip's shape starts (``start_spread``)."""
+"""The procedural renderer: where a clip's shape starts (``start_spread``), and ``steady`` clips."""
 
 import torch
 
 from magitrain import demo
-from magitrain.synthetic import render_shape_video
+from magitrain.synthetic import render_shape_video, steady_caption
 
 
 def _start_centre(video: torch.Tensor) -> tuple[float, float]:
@@ -28,3 +28,17 @@ def test_demo_clips_start_at_the_demo_spread():
     a, cap = demo.demo_clip(1, color="blue", shape="disk", motion="up", grows=False)
     b, _ = demo.demo_clip(2, color="blue", shape="disk", motion="up", grows=False)
     assert cap == "a blue disk moving up, shrinking" and torch.equal(a, b)  # nothing left to draw at random
+
+
+def test_steady_keeps_the_size_and_every_draw():
+    """``steady``: every frame has the first frame's area, the caption says "keeping its size", and the
+    clip's other draws (colour, shape, motion, start) are the ones without it."""
+    for seed in range(4):
+        plain, caption = render_shape_video(48, 32, 32, 3, torch.Generator().manual_seed(seed), period=16)
+        steady, steady_text = render_shape_video(48, 32, 32, 3, torch.Generator().manual_seed(seed), period=16,
+                                                 steady=True)
+        assert steady_text == steady_caption(caption) == caption.rsplit(", ", 1)[0] + ", keeping its size"
+        lit = (steady != -0.8).any(0)
+        assert torch.equal(lit[0], (plain != -0.8).any(0)[0])  # same start, same shape, same size at frame 0
+        assert len(set(lit.sum((1, 2)).tolist())) == 1  # 1 px/frame: the same pixel grid offset, the same count
+        assert torch.equal(steady[:, 0], plain[:, 0])
