@@ -28,6 +28,9 @@ every state a long rollout should show (a wrapped position, a size that stopped 
 training data, and what drifts is the model's own error, not a state it never saw. With ``--steady`` those
 clips keep their size and say so ("keeping its size"): past one clip a "growing" caption contradicts the held
 size its ground truth shows, a "keeping its size" caption holds at any length (``long_rollout.py --steady``).
+With ``--bars-across`` their bars lie across their motion (the demo's are always horizontal): then no clip
+shows an object stretched along the way it moves, so a smear along the motion, which ends as a band the
+motion leaves unchanged, looks like no training clip (``long_rollout.py --bars-across``).
 """
 
 from __future__ import annotations
@@ -71,15 +74,15 @@ def forward_equivalents(run_dir: str) -> float:
     return sum(3 + (r["rollout_calls"] + 3 if "rollout_calls" in r else 0) for r in rows)
 
 
-def build_process_shards(out: str, frames: int, clips: int, steady: bool = False) -> str:
+def build_process_shards(out: str, frames: int, clips: int, steady: bool = False, bar_across: bool = False) -> str:
     """``clips`` seen-caption clips of ``frames`` frames as the demo's shards (``steady``: shapes keep their
-    size); returns the shard folder."""
+    size; ``bar_across``: bars lie across their motion); returns the shard folder."""
     from magitrain import demo
     from magitrain.config import load_config
     from magitrain.configs import config_path
 
     media, shards = os.path.join(out, "process_media"), os.path.join(out, "process_shards")
-    demo.make_media(media, clips, frames, steady=steady)
+    demo.make_media(media, clips, frames, steady=steady, bar_across=bar_across)
     cfg = load_config(config_path("demo.yaml"), ["parallel.dp=1", "parallel.cp=1"], world_size=1)
     demo.build_shards(media, shards, cfg, clips)
     return shards
@@ -99,6 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--process-clips", type=int, default=120, help="clips of --process-frames")
     p.add_argument("--steady", action="store_true",
                    help="--process-frames clips keep their size, captioned 'keeping its size'")
+    p.add_argument("--bars-across", action="store_true",
+                   help="--process-frames clips' bars lie across their motion (none is stretched along it)")
     args = p.parse_args(argv)
     if bool(args.shards) == bool(args.process_frames):
         print("error: give one of --shards (the base's data) and --process-frames", file=sys.stderr)
@@ -107,8 +112,8 @@ def main(argv=None) -> int:
         if not os.path.isdir(path):
             print(f"error: {path} is not a directory", file=sys.stderr)
             return 2
-    if args.steady and not args.process_frames:
-        print("error: --steady needs --process-frames (the clips it renders)", file=sys.stderr)
+    if (args.steady or args.bars_across) and not args.process_frames:
+        print("error: --steady and --bars-across need --process-frames (the clips they render)", file=sys.stderr)
         return 2
     if args.process_frames and args.process_frames < 32:
         print("error: --process-frames must be 0 or at least the demo's clip (32 frames)", file=sys.stderr)
@@ -118,7 +123,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     shards, crop = args.shards, []
     if args.process_frames:
-        shards = build_process_shards(args.out, args.process_frames, args.process_clips, args.steady)
+        shards = build_process_shards(args.out, args.process_frames, args.process_clips, args.steady, args.bars_across)
         crop = ["data.temporal_crop=random"]
     run_all({"base": train_cmd(d("base"), args.base, shards, args.fm_steps, crop),
              "hnoise": train_cmd(d("hnoise"), args.base, shards, args.fm_steps, [HNOISE, *crop])}, args.jobs)
@@ -137,10 +142,10 @@ def main(argv=None) -> int:
                f"--method 'history_noise+self_rollout={d('hn_self_rollout')} {one_pass} --context-t 0.9'")
     print("\nthe comparison (benchmarks/README.md, issue 17): a rolling window of 3 (what a 4-chunk training clip shows a "
           "chunk), 8x, 32 rollouts per method; then all history in the cache")
-    steady = " --steady" if args.steady else ""
-    print(f"python benchmarks/long_rollout.py --length 8 --captions 8 --seeds 4 --jobs 2{steady} --sampler-args "
+    domain = " --steady" * args.steady + " --bars-across" * args.bars_across
+    print(f"python benchmarks/long_rollout.py --length 8 --captions 8 --seeds 4 --jobs 2{domain} --sampler-args "
           f"'--max-context 3' --out {d('bench8w3')} {methods}")
-    print(f"python benchmarks/long_rollout.py --length 8 --captions 8 --seeds 2 --jobs 2{steady} --out {d('bench8')} "
+    print(f"python benchmarks/long_rollout.py --length 8 --captions 8 --seeds 2 --jobs 2{domain} --out {d('bench8')} "
           f"{methods}")
     return 0
 

@@ -7,7 +7,8 @@ The procedural domain (:mod:`magitrain.synthetic`) has a ground truth for any le
 rendered past its 32 frames keeps the shape's speed (it wraps around the frame) and holds its size at
 the end of one clip's range (past the clip, "growing" and "shrinking" no longer hold: ``--steady`` scores the
 captions' "keeping its size" versions instead, whose meaning holds at any length, for models trained on
-them: ``drift_methods.py --steady``). For every caption and seed the benchmark renders that ground truth over
+them: ``drift_methods.py --steady``; ``--bars-across`` renders bars across their motion, for models
+trained with ``drift_methods.py --bars-across``). For every caption and seed the benchmark renders that ground truth over
 ``--length`` training clips (x4 chunks each), gives its first chunk to every method as a clean prefix
 (``generate --prefix``), streams the rest, and scores every chunk on its own:
 
@@ -51,11 +52,12 @@ CLIP_CHUNKS = 4  # chunks of one training clip
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 
-def ground_truth(caption: str, seed: int, chunks: int) -> torch.Tensor:
-    """uint8 ``[chunks * 8, 64, 64, 3]``: the caption's clip continued to ``chunks`` chunks."""
+def ground_truth(caption: str, seed: int, chunks: int, bar_across: bool = False) -> torch.Tensor:
+    """uint8 ``[chunks * 8, 64, 64, 3]``: the caption's clip continued to ``chunks`` chunks (``bar_across``:
+    the renderer's, a bar lies across its motion)."""
     c = Caption.parse(caption)
     return demo.demo_clip(seed, chunks * CHUNK_FRAMES, color=c.colour, shape=c.shape, motion=c.direction,
-                          grows=c.growing, steady=c.growing is None)[0]
+                          grows=c.growing, steady=c.growing is None, bar_across=bar_across)[0]
 
 
 def bench_captions(count: int, steady: bool) -> list[str]:
@@ -77,18 +79,19 @@ def per_chunk(frames: torch.Tensor, truth: torch.Tensor, caption: str) -> dict:
     return out
 
 
-def rollout(method: str, run: str, extra: list[str], caption: str, seed: int, chunks: int, out: str) -> dict:
+def rollout(method: str, run: str, extra: list[str], caption: str, seed: int, chunks: int, out: str,
+            bar_across: bool = False) -> dict:
     """One method's rollout of ``caption`` from the ground truth's first chunk; its per-chunk figures."""
     from magitrain import generate
 
     os.makedirs(os.path.join(out, method), exist_ok=True)
     prefix = os.path.join(out, method, f"prefix_{seed}.npy")  # per method: parallel jobs never share a file
-    first = ground_truth(caption, seed, 1)  # a longer render's first chunk is this one (the renderer is per frame)
+    first = ground_truth(caption, seed, 1, bar_across)  # a longer render's first chunk is this one (the renderer is per frame)
     np.save(prefix, PatchEncoder(4).encode(first).numpy())
     mp4 = latents_path(method, seed, out)[:-4] + ".mp4"
     args = demo.generation_args(run, caption, mp4, chunks=chunks, seed=seed) + ["--prefix", prefix] + extra
     summary = generate.run(generate.build_parser().parse_args(args))
-    return score_rollout(summary["latents"], caption, seed, chunks)
+    return score_rollout(summary["latents"], caption, seed, chunks, bar_across)
 
 
 def latents_path(method: str, seed: int, out: str) -> str:
@@ -96,13 +99,13 @@ def latents_path(method: str, seed: int, out: str) -> str:
     return os.path.join(out, method, f"{seed}.npy")
 
 
-def score_rollout(latents_npy: str, caption: str, seed: int, chunks: int) -> dict:
+def score_rollout(latents_npy: str, caption: str, seed: int, chunks: int, bar_across: bool = False) -> dict:
     """Per-chunk figures of a saved rollout against its ground truth (``--rescore`` reads them again)."""
     enc = PatchEncoder(4)
     latents = torch.from_numpy(np.load(latents_npy, allow_pickle=False))
     if latents.shape[1] * demo.TEMPORAL_FACTOR != chunks * CHUNK_FRAMES:
         raise ValueError(f"{latents_npy} holds {latents.shape[1]} latent frames, not {chunks} chunks")
-    truth = ground_truth(caption, seed, chunks)
+    truth = ground_truth(caption, seed, chunks, bar_across)
     return per_chunk(enc.decode(latents), enc.decode(enc.encode(truth)), caption)
 
 
@@ -186,6 +189,9 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="rollouts run at once (processes, one thread each)")
     p.add_argument("--steady", action="store_true",
                    help="the captions' 'keeping its size' versions (the ground truth holds their meaning at any length)")
+    p.add_argument("--bars-across", action="store_true",
+                   help="bars lie across their motion in the ground truth (models trained with drift_methods.py "
+                        "--bars-across)")
     p.add_argument("--rescore", action="store_true",
                    help="score the rollouts an earlier run with the same flags left in --out, without generating")
     args = p.parse_args(argv)
@@ -200,11 +206,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     chunks = args.length * CLIP_CHUNKS
     common = shlex.split(args.sampler_args)
-    jobs = [(name, run, common + flags, caption, 10**6 + 100 * k + i, chunks, os.path.join(args.out, f"c{i}"))
+    jobs = [(name, run, common + flags, caption, 10**6 + 100 * k + i, chunks, os.path.join(args.out, f"c{i}"),
+             args.bars_across)
             for name, run, flags in methods for k in range(args.seeds)
             for i, caption in enumerate(bench_captions(args.captions, args.steady))]
     for job in jobs:
-        os.makedirs(job[-1], exist_ok=True)
+        os.makedirs(job[6], exist_ok=True)
     start = time.time()
     if args.rescore:
         saved = [latents_path(j[0], j[4], j[6]) for j in jobs]
@@ -214,7 +221,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         try:
-            figures = [score_rollout(path, j[3], j[4], j[5]) for path, j in zip(saved, jobs)]
+            figures = [score_rollout(path, *j[3:6], j[7]) for path, j in zip(saved, jobs)]
         except ValueError as e:
             print(f"error: --rescore: {e}", file=sys.stderr)
             return 2

@@ -131,18 +131,19 @@ def seen_combinations() -> list[dict]:
     return [combos[i] for i in order]
 
 
-def make_media(folder: str, count: int, frames: int = FRAMES, steady: bool = False) -> list[str]:
+def make_media(folder: str, count: int, frames: int = FRAMES, steady: bool = False,
+               bar_across: bool = False) -> list[str]:
     """``count`` clips ``clip_NNNN.mp4`` with captions ``clip_NNNN.txt``: clip ``i`` shows seen
     combination ``i mod 120`` (:func:`seen_combinations`), at a start position drawn from seed ``i``,
     so every seen caption is in the data (a random draw of 96 clips missed 5 of the 8 scored ones).
-    ``frames``: each clip's length (:func:`demo_clip`); ``steady``: shapes keep their size ("keeping its
-    size" captions, the renderer's ``steady``)."""
+    ``frames``: each clip's length (:func:`demo_clip`); ``steady``, ``bar_across``: the renderer's (shapes
+    keep their size, "keeping its size" captions; bars lie across their motion)."""
     from magitrain.data_pipeline.media import write_mp4
 
     os.makedirs(folder, exist_ok=True)
     combos, captions = seen_combinations(), []
     for i in range(count):
-        video, caption = demo_clip(i, frames, steady=steady, **combos[i % len(combos)])
+        video, caption = demo_clip(i, frames, steady=steady, bar_across=bar_across, **combos[i % len(combos)])
         name = os.path.join(folder, f"clip_{i:04d}")
         write_mp4(name + ".mp4", video, fps=FPS)
         with open(name + ".txt", "w") as f:

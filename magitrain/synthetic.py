@@ -33,7 +33,8 @@ def color_vector(color: str, channels: int) -> torch.Tensor:
 def render_shape_video(frames: int, height: int, width: int, channels: int, gen: torch.Generator,
                        color: str | None = None, shape: str | None = None, motion: str | None = None,
                        grows: bool | None = None, period: int | None = None,
-                       start_spread: float = 0.5, steady: bool = False) -> tuple[torch.Tensor, str]:
+                       start_spread: float = 0.5, steady: bool = False,
+                       bar_across: bool = False) -> tuple[torch.Tensor, str]:
     """One clip ``[channels, frames, height, width]`` in [-1, 1] and its caption.
 
     A shape of one colour moves in one direction at a steady speed over a dark background
@@ -48,6 +49,8 @@ def render_shape_video(frames: int, height: int, width: int, channels: int, gen:
     ``steady``: the shape keeps its starting size in every frame and the caption says so ("keeping its
     size" for "growing"/"shrinking"), a caption whose meaning holds for any length; everything else,
     ``grows`` drawn included, is as without it.
+    ``bar_across``: a bar lies across its motion (its long side perpendicular to it; default: always
+    horizontal), so no clip shows an object stretched along the way it moves.
     """
     pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=gen))]  # noqa: E731
     drawn = pick(COLORS), pick(SHAPES), pick(list(MOTIONS)), bool(torch.randint(2, (1,), generator=gen))
@@ -71,6 +74,8 @@ def render_shape_video(frames: int, height: int, width: int, channels: int, gen:
             inside = (ady <= size) & (adx <= size)
         elif shape == "disk":
             inside = ady**2 + adx**2 <= size**2
+        elif bar_across and dx != 0:
+            inside = (ady <= size * 1.5) & (adx <= size * 0.4)
         else:
             inside = (ady <= size * 0.4) & (adx <= size * 1.5)
         video[:, f][:, inside] = col[:, None]

@@ -3,10 +3,12 @@
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from magitrain import demo
+from magitrain.data_pipeline.encoders import PatchEncoder
 from magitrain.synthetic import render_shape_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,6 +83,21 @@ def test_a_steady_caption_holds_for_any_length():
         assert torch.allclose(*centres, atol=0.5)
 
 
+def test_bars_across_reaches_the_ground_truth_and_the_rescore(tmp_path):
+    """``--bars-across`` renders the ground truth (prefix and scoring) with upright bars for sideways motion;
+    a rollout saved as that ground truth rescores perfectly with the flag and not without it."""
+    bench = _bench()
+    caption = bench.bench_captions(8, steady=True)[5]  # a purple bar moving left
+    upright = bench.ground_truth(caption, 10**6 + 5, 4, bar_across=True)
+    lit = (upright[0].int() - 25).abs().sum(-1) > 100
+    assert int(lit.any(1).sum()) > 3 * int(lit.any(0).sum())
+    latents = tmp_path / "r.npy"
+    np.save(latents, PatchEncoder(4).encode(upright).numpy())
+    right = bench.score_rollout(str(latents), caption, 10**6 + 5, 4, bar_across=True)
+    wrong = bench.score_rollout(str(latents), caption, 10**6 + 5, 4)
+    assert max(right["distance"]) == 0.0 and min(wrong["distance"][1:]) > 0.05
+
+
 def test_last_quarter_presence_is_per_rollout():
     """Each (caption, method) cell lists its own rollouts' last quarters in seed order, not the mean."""
     bench = _bench()
@@ -108,7 +125,8 @@ def test_bad_method_is_a_one_line_error(spec, capsys):
     assert err.startswith("error:") and "\n" not in err
 
 
-@pytest.mark.parametrize("extra", [[], ["--shards", "/tmp", "--process-frames", "128"], ["--process-frames", "16"]])
+@pytest.mark.parametrize("extra", [[], ["--shards", "/tmp", "--process-frames", "128"], ["--process-frames", "16"],
+                                   ["--shards", "/tmp", "--steady"], ["--shards", "/tmp", "--bars-across"]])
 def test_drift_methods_wants_one_data_source(extra, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("drift_methods", os.path.join(ROOT, "benchmarks", "drift_methods.py"))
     mod = importlib.util.module_from_spec(spec)

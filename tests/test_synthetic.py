@@ -42,3 +42,25 @@ def test_steady_keeps_the_size_and_every_draw():
         assert torch.equal(lit[0], (plain != -0.8).any(0)[0])  # same start, same shape, same size at frame 0
         assert len(set(lit.sum((1, 2)).tolist())) == 1  # 1 px/frame: the same pixel grid offset, the same count
         assert torch.equal(steady[:, 0], plain[:, 0])
+
+
+def test_bar_across_lies_across_its_motion():
+    """``bar_across``: a bar moving left or right stands upright, one moving up or down lies flat as without it;
+    other shapes and every draw are unchanged."""
+    def extent(video):  # (rows, columns) the shape covers in frame 0
+        lit = (video != -0.8).any(0)[0]
+        return int(lit.any(1).sum()), int(lit.any(0).sum())
+
+    for motion in ("left", "right", "up", "down"):
+        for shape in ("bar", "square", "disk"):
+            plain, caption = render_shape_video(8, 64, 64, 3, torch.Generator().manual_seed(2), shape=shape,
+                                                motion=motion)
+            across, across_caption = render_shape_video(8, 64, 64, 3, torch.Generator().manual_seed(2), shape=shape,
+                                                        motion=motion, bar_across=True)
+            assert across_caption == caption
+            turned = shape == "bar" and motion in ("left", "right")
+            assert extent(across) == (extent(plain)[::-1] if turned else extent(plain))
+            assert torch.equal(across, plain) != turned
+    rows, cols = extent(render_shape_video(8, 64, 64, 3, torch.Generator().manual_seed(2), shape="bar",
+                                           motion="left", bar_across=True)[0])
+    assert rows > 3 * cols  # upright: long across the motion
