@@ -14,6 +14,8 @@ trained with ``drift_methods.py --bars-across``). For every caption and seed the
 
 - caption following per chunk (:func:`magitrain.caption_score.score_video` on the chunk's 8 frames):
   object present, colour, motion, size trend;
+- shape per chunk: the share of frames whose object has the ground truth's elongation (a bar lying the way
+  the ground truth's does, a square or disk not stretched into a bar; the caption score does not read shape);
 - distance to the ground truth: the RMS pixel difference (0-1 scale) of the chunk's frames and the
   ground truth's, decoded the same way (PatchEncoder round trip), so a perfect model scores 0.
 
@@ -42,13 +44,15 @@ import numpy as np
 import torch
 
 from magitrain import demo
-from magitrain.caption_score import Caption, score_video
+from magitrain.caption_score import Caption, read_frame, score_readings
 from magitrain.data_pipeline.encoders import PatchEncoder
 from magitrain.synthetic import steady_caption
 
 FIELDS = ("object_present", "colour", "motion", "size_trend")
 CHUNK_FRAMES = demo.FRAMES // 4  # pixel frames per chunk (2 latent frames x 4)
 CLIP_CHUNKS = 4  # chunks of one training clip
+SHAPE_TOL = 1.0  # |elongation - the ground truth's| at most this (decoded: a bar lying the wrong way is 3.2
+#   off, a bar against a square or disk 1.5-1.7, a square against a disk 0.1: the check tells bars apart only)
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 
@@ -67,13 +71,21 @@ def bench_captions(count: int, steady: bool) -> list[str]:
 
 
 def per_chunk(frames: torch.Tensor, truth: torch.Tensor, caption: str) -> dict:
-    """Per-chunk fields ``{field: [chunks]}`` of decoded ``frames`` against the decoded ``truth``."""
-    out = {k: [] for k in FIELDS + ("distance",)}
+    """Per-chunk fields ``{field: [chunks]}`` of decoded ``frames`` against the decoded ``truth``: the caption's
+    (:data:`FIELDS`), ``shape`` (the share of frames whose object has the ground truth's elongation, within
+    ``SHAPE_TOL``: a bar lying the right way, a square or disk not stretched; the caption score does not read
+    the shape) and ``distance``."""
+    out = {k: [] for k in FIELDS + ("shape", "distance")}
+    h, w = frames.shape[1:3]
     for a in range(0, frames.shape[0], CHUNK_FRAMES):
         part = frames[a:a + CHUNK_FRAMES]
-        s = score_video(part, caption, window=CHUNK_FRAMES)
+        got = [read_frame(f) for f in part.numpy()]
+        want = [read_frame(f) for f in truth[a:a + CHUNK_FRAMES].numpy()]
+        s = score_readings(got, caption, h, w, window=CHUNK_FRAMES)
         for k in FIELDS:
             out[k].append(getattr(s, k))
+        out["shape"].append(float(np.mean([g.present and abs(g.elongation - t.elongation) <= SHAPE_TOL
+                                           for g, t in zip(got, want)])))
         diff = (part.float() - truth[a:a + CHUNK_FRAMES].float()) / 255.0
         out["distance"].append(float(diff.pow(2).mean().sqrt()))
     return out
@@ -138,7 +150,7 @@ def chart(path: str, results: dict, chunks: int) -> None:
     """One panel per figure (mean over captions and seeds, per chunk), a line per method; PIL only."""
     from PIL import Image, ImageDraw
 
-    panels = FIELDS + ("distance",)
+    panels = FIELDS + ("shape", "distance")
     pw, ph, margin = 360, 220, 40
     img = Image.new("RGB", (pw * 3, ph * 2 + 30), "white")
     draw = ImageDraw.Draw(img)
@@ -244,14 +256,15 @@ def main(argv=None) -> int:
     table = {}
     print(f"\n{args.captions} captions x {args.seeds} seeds; quarters of the chunks after the prefix\n"
           "| method | length | present first / last / drift | motion first / last / drift | colour drift | "
-          "size drift | distance first / last |\n|---|---|---|---|---|---|---|")
+          "size drift | shape first / last | distance first / last |\n|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         for length in lengths:
             s = summarise(r["curves"], length * CLIP_CHUNKS)
             table[f"{name} {length}x"] = s
-            pr, mo, di = s["object_present"], s["motion"], s["distance"]
+            pr, mo, sh, di = s["object_present"], s["motion"], s["shape"], s["distance"]
             print(f"| {name} | {length}x | {pr[0]:.0%} / {pr[1]:.0%} / {pr[2]:+.0%} | {mo[0]:.0%} / {mo[1]:.0%} / "
-                  f"{mo[2]:+.0%} | {s['colour'][2]:+.0%} | {s['size_trend'][2]:+.0%} | {di[0]:.3f} / {di[1]:.3f} |")
+                  f"{mo[2]:+.0%} | {s['colour'][2]:+.0%} | {s['size_trend'][2]:+.0%} | {sh[0]:.0%} / {sh[1]:.0%} | "
+                  f"{di[0]:.3f} / {di[1]:.3f} |")
     captions = bench_captions(args.captions, args.steady)
     per_caption = last_quarter_presence(jobs, figures, captions)
     print(f"\nobject present in the last quarter ({args.length}x), per rollout, seed by seed\n"

@@ -72,6 +72,20 @@ def test_keeping_its_size_scores_a_steady_shape_and_fails_a_changing_one():
             assert score_video(changing, caption).size_trend <= 0.25  # the clip's last window: 8 frames, 7 of growth
 
 
+def test_elongation_reads_a_bar_and_its_way():
+    """A flat bar reads clearly negative, an upright one (``bar_across``, moving sideways) positive, squares and
+    disks about 0, sharp and through the PatchEncoder round trip."""
+    enc = PatchEncoder(4)
+    for shape, motion, sign in (("bar", "up", -1), ("bar", "left", 1), ("square", "left", 0), ("disk", "up", 0)):
+        video, _ = demo_clip(5, 16, shape=shape, motion=motion, steady=True, bar_across=True)
+        for frames, bar in ((video, 2.4), (enc.decode(enc.encode(video)), 1.5)):
+            e = [read_frame(f.numpy()).elongation for f in frames]
+            if sign:
+                assert min(sign * x for x in e) > bar
+            else:
+                assert max(abs(x) for x in e) < 0.15
+
+
 def test_a_band_around_the_frame_is_not_an_object():
     """A shape grown across the whole frame (what a drifting "growing" rollout becomes) has no position: not
     present, although it is one compact-enough blob; the widest shape the renderer draws still is."""

@@ -60,6 +60,7 @@ def test_ground_truth_scores_itself_perfectly():
     assert got["distance"] == [0.0] * 12
     assert min(got["object_present"]) == 1.0 and min(got["colour"]) == 1.0
     assert min(got["motion"][:4]) == 1.0 and min(got["size_trend"][:4]) == 1.0  # inside one clip
+    assert min(got["shape"]) == 1.0
     first, last = bench.quarters(list(range(13)))  # the prefix chunk is left out
     assert (first, last) == (2.0, 11.0)
 
@@ -85,7 +86,8 @@ def test_a_steady_caption_holds_for_any_length():
 
 def test_bars_across_reaches_the_ground_truth_and_the_rescore(tmp_path):
     """``--bars-across`` renders the ground truth (prefix and scoring) with upright bars for sideways motion;
-    a rollout saved as that ground truth rescores perfectly with the flag and not without it."""
+    a rollout saved as that ground truth rescores perfectly with the flag and not without it (its distance
+    and its shape, which reads the bar's way)."""
     bench = _bench()
     caption = bench.bench_captions(8, steady=True)[5]  # a purple bar moving left
     upright = bench.ground_truth(caption, 10**6 + 5, 4, bar_across=True)
@@ -96,6 +98,7 @@ def test_bars_across_reaches_the_ground_truth_and_the_rescore(tmp_path):
     right = bench.score_rollout(str(latents), caption, 10**6 + 5, 4, bar_across=True)
     wrong = bench.score_rollout(str(latents), caption, 10**6 + 5, 4)
     assert max(right["distance"]) == 0.0 and min(wrong["distance"][1:]) > 0.05
+    assert min(right["shape"]) == 1.0 and max(wrong["shape"]) == 0.0  # a flat bar is the wrong shape
 
 
 def test_last_quarter_presence_is_per_rollout():
