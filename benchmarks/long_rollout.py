@@ -137,12 +137,14 @@ def summarise(curves: dict, chunks: int) -> dict:
     return rows
 
 
-def last_quarter_presence(jobs: list[tuple], figures: list[dict], captions: list[str]) -> dict:
+def last_quarter_presence(jobs: list[tuple], figures: list[dict], captions: list[str],
+                          field: str = "object_present") -> dict:
     """``{caption: {method: [last-quarter object presence per seed]}}``: each rollout's own figure, which
-    the mean curves hide (a rollout tends to hold its object to the end or lose it for good)."""
+    the mean curves hide (a rollout tends to hold its object to the end or lose it for good); ``field``:
+    another per-chunk figure's instead."""
     table = {c: {} for c in captions}
     for job, fig in zip(jobs, figures):
-        table[job[3]].setdefault(job[0], []).append(quarters(fig["object_present"])[1])
+        table[job[3]].setdefault(job[0], []).append(quarters(fig[field])[1])
     return table
 
 
@@ -266,16 +268,18 @@ def main(argv=None) -> int:
                   f"{mo[2]:+.0%} | {s['colour'][2]:+.0%} | {s['size_trend'][2]:+.0%} | {sh[0]:.0%} / {sh[1]:.0%} | "
                   f"{di[0]:.3f} / {di[1]:.3f} |")
     captions = bench_captions(args.captions, args.steady)
-    per_caption = last_quarter_presence(jobs, figures, captions)
-    print(f"\nobject present in the last quarter ({args.length}x), per rollout, seed by seed\n"
-          f"| caption | {' | '.join(results)} |\n|---|{'---|' * len(results)}")
-    for caption in captions:
-        cells = [" / ".join(f"{v:.0%}" for v in per_caption[caption][name]) for name in results]
-        print(f"| {caption} | {' | '.join(cells)} |")
+    per_caption = {field: last_quarter_presence(jobs, figures, captions, field) for field in ("object_present", "shape")}
+    for field, what in (("object_present", "object present"), ("shape", "shape as the ground truth's")):
+        print(f"\n{what} in the last quarter ({args.length}x), per rollout, seed by seed\n"
+              f"| caption | {' | '.join(results)} |\n|---|{'---|' * len(results)}")
+        for caption in captions:
+            cells = [" / ".join(f"{v:.0%}" for v in per_caption[field][caption][name]) for name in results]
+            print(f"| {caption} | {' | '.join(cells)} |")
     chart(os.path.join(args.out, "drift.png"), results, chunks)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "methods": results, "quarters": table,
-                   "last_quarter_presence": per_caption}, f, indent=1)
+                   "last_quarter_presence": per_caption["object_present"],
+                   "last_quarter_shape": per_caption["shape"]}, f, indent=1)
     print(f"\nchart: {os.path.join(args.out, 'drift.png')}")
     return 0
 

@@ -110,6 +110,9 @@ def test_last_quarter_presence_is_per_rollout():
     figures = [{"object_present": f} for f in (held, lost, lost, held)]
     assert bench.last_quarter_presence(jobs, figures, ["x", "y"]) == {"x": {"a": [1.0, 0.0], "b": [0.0]},
                                                                         "y": {"a": [1.0]}}
+    shapes = [{"object_present": held, "shape": f} for f in (lost, held, held, lost)]
+    assert bench.last_quarter_presence(jobs, shapes, ["x", "y"], "shape") == {"x": {"a": [0.0, 1.0], "b": [1.0]},
+                                                                               "y": {"a": [0.0]}}
 
 
 def test_noise_scores_nothing_and_is_far():
