@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--process-frames", type=int, default=0,
                    help="train on random windows of clips this long (frames; 0: on --shards as given)")
     p.add_argument("--process-clips", type=int, default=120, help="clips of --process-frames")
+    p.add_argument("--train-args", default="",
+                   help="config overrides for every training run (e.g. 'model.num_layers=1' for a base of that model)")
     p.add_argument("--steady", action="store_true",
                    help="--process-frames clips keep their size, captioned 'keeping its size'")
     p.add_argument("--bars-across", action="store_true",
@@ -121,15 +124,16 @@ def main(argv=None) -> int:
     sr_steps = args.rollout_steps or round(3 * args.extra_steps / 16.7)
     d = lambda name: os.path.join(args.out, name)  # noqa: E731
     os.makedirs(args.out, exist_ok=True)
-    shards, crop = args.shards, []
+    shards, common = args.shards, []
     if args.process_frames:
         shards = build_process_shards(args.out, args.process_frames, args.process_clips, args.steady, args.bars_across)
-        crop = ["data.temporal_crop=random"]
-    run_all({"base": train_cmd(d("base"), args.base, shards, args.fm_steps, crop),
-             "hnoise": train_cmd(d("hnoise"), args.base, shards, args.fm_steps, [HNOISE, *crop])}, args.jobs)
-    sr = ["objective=self_rollout", *crop]
-    run_all({"teacher_forced": train_cmd(d("teacher_forced"), d("base"), shards, args.extra_steps, crop),
-             "history_noise": train_cmd(d("history_noise"), d("hnoise"), shards, args.extra_steps, [HNOISE, *crop]),
+        common = ["data.temporal_crop=random"]
+    common += shlex.split(args.train_args)
+    run_all({"base": train_cmd(d("base"), args.base, shards, args.fm_steps, common),
+             "hnoise": train_cmd(d("hnoise"), args.base, shards, args.fm_steps, [HNOISE, *common])}, args.jobs)
+    sr = ["objective=self_rollout", *common]
+    run_all({"teacher_forced": train_cmd(d("teacher_forced"), d("base"), shards, args.extra_steps, common),
+             "history_noise": train_cmd(d("history_noise"), d("hnoise"), shards, args.extra_steps, [HNOISE, *common]),
              "self_rollout": train_cmd(d("self_rollout"), d("base"), shards, sr_steps, sr),
              "history_noise+self_rollout": train_cmd(d("hn_self_rollout"), d("hnoise"), shards, sr_steps,
                                                      sr + ["rollout.context_t=0.9"])}, args.jobs)
