@@ -52,7 +52,7 @@ FIELDS = ("object_present", "colour", "motion", "size_trend")
 CHUNK_FRAMES = demo.FRAMES // 4  # pixel frames per chunk (2 latent frames x 4)
 CLIP_CHUNKS = 4  # chunks of one training clip
 SHAPE_TOL = 1.0  # |elongation - the ground truth's| at most this (decoded: a bar lying the wrong way is 3.2
-#   off, a bar against a square or disk 1.5-1.7, a square against a disk 0.1: the check tells bars apart only)
+#   off, a bar against a square or disk 1.4-1.7, a square against a disk at most 0.2: it tells bars apart only)
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 
