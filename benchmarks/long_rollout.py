@@ -8,8 +8,8 @@ rendered past its 32 frames keeps the shape's speed (it wraps around the frame) 
 the end of one clip's range (past the clip, "growing" and "shrinking" no longer hold: ``--steady`` scores the
 captions' "keeping its size" versions instead, whose meaning holds at any length, for models trained on
 them: ``drift_methods.py --steady``; ``--bars-across`` renders bars across their motion, for models
-trained with ``drift_methods.py --bars-across``). For every caption and seed the benchmark renders that ground truth over
-``--length`` training clips (x4 chunks each), gives its first chunk to every method as a clean prefix
+trained with ``drift_methods.py --bars-across``). For every caption and seed the benchmark renders that
+ground truth over ``--length`` training clips (x4 chunks each), gives its first chunk to every method as a clean prefix
 (``generate --prefix``), streams the rest, and scores every chunk on its own:
 
 - caption following per chunk (:func:`magitrain.caption_score.score_video` on the chunk's 8 frames):
@@ -98,7 +98,7 @@ def rollout(method: str, run: str, extra: list[str], caption: str, seed: int, ch
 
     os.makedirs(os.path.join(out, method), exist_ok=True)
     prefix = os.path.join(out, method, f"prefix_{seed}.npy")  # per method: parallel jobs never share a file
-    first = ground_truth(caption, seed, 1, bar_across)  # a longer render's first chunk is this one (the renderer is per frame)
+    first = ground_truth(caption, seed, 1, bar_across)  # a longer render's first chunk (the renderer is per frame)
     np.save(prefix, PatchEncoder(4).encode(first).numpy())
     mp4 = latents_path(method, seed, out)[:-4] + ".mp4"
     args = demo.generation_args(run, caption, mp4, chunks=chunks, seed=seed) + ["--prefix", prefix] + extra
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/bench_rollout")
     p.add_argument("--jobs", type=int, default=1, help="rollouts run at once (processes, one thread each)")
     p.add_argument("--steady", action="store_true",
-                   help="the captions' 'keeping its size' versions (the ground truth holds their meaning at any length)")
+                   help="the captions' 'keeping its size' versions (their meaning holds at any length)")
     p.add_argument("--bars-across", action="store_true",
                    help="bars lie across their motion in the ground truth (models trained with drift_methods.py "
                         "--bars-across)")
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
                   f"{mo[2]:+.0%} | {s['colour'][2]:+.0%} | {s['size_trend'][2]:+.0%} | {sh[0]:.0%} / {sh[1]:.0%} | "
                   f"{di[0]:.3f} / {di[1]:.3f} |")
     captions = bench_captions(args.captions, args.steady)
-    per_caption = {field: last_quarter_presence(jobs, figures, captions, field) for field in ("object_present", "shape")}
+    per_caption = {f: last_quarter_presence(jobs, figures, captions, f) for f in ("object_present", "shape")}
     for field, what in (("object_present", "object present"), ("shape", "shape as the ground truth's")):
         print(f"\n{what} in the last quarter ({args.length}x), per rollout, seed by seed\n"
               f"| caption | {' | '.join(results)} |\n|---|{'---|' * len(results)}")
