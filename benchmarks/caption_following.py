@@ -37,15 +37,10 @@ FIELDS = ("object_present", "colour", "motion", "size_trend")
 
 def clip_rows(captions: list[str], chunks: int) -> dict:
     """The procedural clips of ``captions`` (seeds the demo media never use), sharp and round-tripped."""
-    from magitrain.caption_score import Caption
-
     enc = PatchEncoder(4)
     sharp, trip = [], []
     for i, caption in enumerate(captions):
-        c = Caption.parse(caption)
-        video, _ = demo.demo_clip(10**6 + i, color=c.colour, shape=c.shape, motion=c.direction, grows=c.growing,
-                                  steady=c.growing is None)
-        video = video[:chunks * 8]
+        video = demo.caption_clip(10**6 + i, caption)[:chunks * 8]
         sharp.append(score_video(video, caption))
         trip.append(score_video(enc.decode(enc.encode(video)), caption))
     return {"procedural clips (sharp)": mean_score(sharp), "procedural clips (PatchEncoder round trip)": mean_score(trip)}

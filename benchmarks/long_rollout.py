@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from magitrain import demo
-from magitrain.caption_score import Caption, read_frame, score_readings
+from magitrain.caption_score import read_frame, score_readings
 from magitrain.data_pipeline.encoders import PatchEncoder
 from magitrain.synthetic import steady_caption
 
@@ -59,9 +59,7 @@ PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 
 def ground_truth(caption: str, seed: int, chunks: int, bar_across: bool = False) -> torch.Tensor:
     """uint8 ``[chunks * 8, 64, 64, 3]``: the caption's clip continued to ``chunks`` chunks (``bar_across``:
     the renderer's, a bar lies across its motion)."""
-    c = Caption.parse(caption)
-    return demo.demo_clip(seed, chunks * CHUNK_FRAMES, color=c.colour, shape=c.shape, motion=c.direction,
-                          grows=c.growing, steady=c.growing is None, bar_across=bar_across)[0]
+    return demo.caption_clip(seed, caption, chunks * CHUNK_FRAMES, bar_across=bar_across)
 
 
 def bench_captions(count: int, steady: bool) -> list[str]:

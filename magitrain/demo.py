@@ -112,6 +112,16 @@ def demo_clip(seed: int, frames: int = FRAMES, **fixed) -> tuple[torch.Tensor, s
     return ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), caption
 
 
+def caption_clip(seed: int, caption: str, frames: int = FRAMES, **fixed) -> torch.Tensor:
+    """uint8 ``[frames, PIXELS, PIXELS, 3]``: :func:`demo_clip` of what ``caption`` says (its colour, shape,
+    direction and size words; "keeping its size" renders ``steady``); ``fixed``: the renderer's other options."""
+    from magitrain.caption_score import Caption
+
+    c = Caption.parse(caption)
+    return demo_clip(seed, frames, color=c.colour, shape=c.shape, motion=c.direction, grows=c.growing,
+                     steady=c.growing is None, **fixed)[0]
+
+
 def is_held_out(caption: str) -> bool:
     from magitrain.caption_score import Caption
 

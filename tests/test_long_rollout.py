@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from magitrain import demo
+from magitrain.caption_score import Caption
 from magitrain.data_pipeline.encoders import PatchEncoder
 from magitrain.synthetic import render_shape_video
 
@@ -41,7 +42,7 @@ def test_a_longer_demo_clip_is_the_ground_truth_the_benchmark_scores_against():
     and is exactly the benchmark's ground truth for the same caption and seed."""
     bench = _bench()
     caption = demo.SEEN_CAPTIONS[2]
-    c = bench.Caption.parse(caption)
+    c = Caption.parse(caption)
     fixed = dict(color=c.colour, shape=c.shape, motion=c.direction, grows=c.growing)
     clip, _ = demo.demo_clip(11, **fixed)
     long, text = demo.demo_clip(11, 96, **fixed)
