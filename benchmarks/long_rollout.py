@@ -27,7 +27,8 @@ chunks after the prefix; drift = first quarter minus last quarter. ``--length 8`
 first half of each rollout as the 4x figures (the sampler is causal: the first 16 chunks of a 32-chunk
 rollout are a 16-chunk rollout, to float rounding: 7e-7 measured on the demo model).
 
-Writes ``OUT/results.json``, ``OUT/drift.png`` (one panel per figure, a line per method) and prints a
+Writes ``OUT/results.json`` (the mean curves, the quarters, and every rollout's own per-chunk figures under
+``per_rollout``, which ``drift_pooled.py`` pools over bases), ``OUT/drift.png`` (one panel per figure, a line per method) and prints a
 Markdown table for benchmarks/README.md.
 """
 
@@ -277,7 +278,9 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "methods": results, "quarters": table,
                    "last_quarter_presence": per_caption["object_present"],
-                   "last_quarter_shape": per_caption["shape"]}, f, indent=1)
+                   "last_quarter_shape": per_caption["shape"],
+                   "per_rollout": [{"method": j[0], "caption": j[3], "seed": j[4], "curves": fig}
+                                   for j, fig in zip(jobs, figures)]}, f, indent=1)
     print(f"\nchart: {os.path.join(args.out, 'drift.png')}")
     return 0
 

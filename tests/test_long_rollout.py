@@ -141,3 +141,67 @@ def test_drift_methods_wants_one_data_source(extra, tmp_path, capsys):
     assert mod.main(["--base", str(tmp_path), "--out", str(tmp_path / "out"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+
+
+def _pooled():
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("drift_pooled", os.path.join(ROOT, "benchmarks", "drift_pooled.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.pop(0)
+    return mod
+
+
+def _results(path, rollouts, present_last, methods=None, length=1):
+    """A results.json of ``length`` clips whose curves are 1 then ``present_last[m]`` in the last quarter."""
+    import json
+
+    chunks = length * 4
+    out = {}
+    for name in methods or present_last:
+        curve = [1.0] * (chunks - 1) + [present_last[name]]
+        fields = ("object_present", "colour", "motion", "size_trend", "shape", "distance")
+        out[name] = {"curves": {f: curve for f in fields}, "rollouts": rollouts}
+    path.write_text(json.dumps({"args": {"length": length, "captions": 8}, "methods": out}))
+    return str(path)
+
+
+def test_pooling_weights_bases_by_rollouts_and_checks_the_point(tmp_path, capsys):
+    """The pooled curve is the mean over all rollouts (bases weighted by their rollouts, not averaged);
+    a method meets the point on the pooled figures when it halves the baseline's drift."""
+    mod = _pooled()
+    a = _results(tmp_path / "a.json", 3, {"teacher_forced": 0.6, "both": 1.0, "less": 0.8})
+    b = _results(tmp_path / "b.json", 1, {"teacher_forced": 1.0, "both": 0.6, "less": 0.8})
+    pooled = mod.pool([__import__("json").load(open(p)) for p in (a, b)])
+    assert pooled["both"]["rollouts"] == 4
+    assert pooled["teacher_forced"]["curves"]["object_present"][-1] == pytest.approx(0.7)
+    assert pooled["both"]["curves"]["object_present"][-1] == pytest.approx(0.9)
+    assert mod.main([a, b]) == 0
+    out = capsys.readouterr().out
+    # pooled drift: baseline 0.3, both 0.1 -> within 10% and halved
+    assert "1x both: last quarter within 10% of the first: yes; drift at most half of teacher_forced's: yes -> MET" in out
+    assert "+30.0% (+40, +0)" in out
+    # drift 0.2: less than the baseline's, more than half of it
+    assert "1x less: last quarter within 10% of the first: no; drift at most half of teacher_forced's: no" in out
+
+
+def test_pooling_without_baseline_drift_meets_nothing(tmp_path, capsys):
+    mod = _pooled()
+    a = _results(tmp_path / "a.json", 2, {"teacher_forced": 1.0, "both": 1.0})
+    assert mod.main([a, "--chart", str(tmp_path / "pooled.png")]) == 0
+    assert (tmp_path / "pooled.png").stat().st_size > 0
+    assert "teacher_forced does not drift in both fields) -> not met" in capsys.readouterr().out
+
+
+def test_pooling_refuses_runs_of_different_commands(tmp_path, capsys):
+    mod = _pooled()
+    a = _results(tmp_path / "a.json", 2, {"teacher_forced": 1.0, "both": 1.0})
+    b = _results(tmp_path / "b.json", 2, {"teacher_forced": 1.0}, methods=("teacher_forced",))
+    assert mod.main([a, b]) == 2
+    assert capsys.readouterr().err.startswith("error: the runs differ")
+    assert mod.main([a, "--baseline", "nope"]) == 2
+    assert mod.main([str(tmp_path / "missing.json")]) == 2
