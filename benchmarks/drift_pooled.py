@@ -5,8 +5,8 @@
 One base's figure is set by one or two captions (a rollout holds its object to the end or loses it), so
 the comparison is made on the mean over every rollout of every base: each method's mean per-chunk curve,
 weighted by its rollouts per base (exact: the pooled curve is the mean over all rollouts). Every input must
-hold the same methods, length and captions. Prints, per method and length (the run's and its first
-half), the pooled presence and motion first / last quarter / drift with each base's drift, then the point:
+hold the same methods, length and captions. Prints, per method and length (the run's, its first half
+and its first quarter: the sampler is causal), the pooled presence and motion first / last quarter / drift with each base's drift, then the point:
 last quarter within 10% of the first (``last >= 0.9 first``) for presence and motion, and drift at most half
 the baseline's for both, where the baseline drifts (a drift <= 0 leaves nothing to halve).
 """
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
           "| method | length | present first / last / drift (per base) | motion first / last / drift (per base) |"
           "\n|---|---|---|---|")
     verdicts = {}
-    for ln in [length] + ([length // 2] if length >= 2 else []):
+    for ln in sorted({n for n in (length, length // 2, length // 4) if n >= 1}, reverse=True):
         rows = {name: summarise(m["curves"], ln * CLIP_CHUNKS) for name, m in pooled.items()}
         for name, s in rows.items():
             cells = []
