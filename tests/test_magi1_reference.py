@@ -89,7 +89,9 @@ def test_derived_tensors_match_magi1(model, case):
         _assert_close_scaled(rope, derived["rope"], 2e-5)
         _assert_close_scaled(t_emb, derived["t_emb"], 2e-5)
         cond = model.condition(t, inputs["caption_dropout_mask"].repeat_interleave(r))
-        torch.testing.assert_close(cond, derived["condition"][0], rtol=1e-6, atol=1e-6)
+        # the condition is built from t_emb, so it carries t_emb's CPU-dependent fp32 error (measured 4.9e-6
+        # absolute on one CPU, 0 on another): the same scaled tolerance
+        _assert_close_scaled(cond, derived["condition"][0], 2e-5)
     assert torch.equal(meta.chunk_ids, derived["condition_map"][:, 0].long())
     # MAGI-1's kv_range (block-causal) is exactly our layout's self-attention mask
     ours = [[s.k_range.start, s.k_range.end] for s in meta.self_slices]
