@@ -341,7 +341,9 @@ def test_distillation_losses_match_across_layouts(tmp_path):
     assert len(ref) == 3 and all(r > 0 for r in ref)
     for dp, cp, tp in LAYOUTS:
         got = [r["loss"] for r in _metrics(f"{root}/{dp}{cp}{tp}")]
-        assert got == pytest.approx(ref, rel=2e-5), ((dp, cp, tp), got, ref)
+        # rel 1e-4: the third loss (4e-8) is a small difference of two models' velocities, so summation
+        # order moves it by 4e-5 relative on some CPUs (measured; 2e-7 on others); a layout bug moves it by O(1)
+        assert got == pytest.approx(ref, rel=1e-4), ((dp, cp, tp), got, ref)
 
 
 def test_4_5b_recipe_is_the_base_model_plus_a_step_size_embedder():
